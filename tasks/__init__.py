@@ -1,0 +1,1 @@
+"""The work of each stage, as thin Prefect tasks over plain functions (reachable as ``.fn``)."""

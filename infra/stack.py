@@ -1,0 +1,181 @@
+"""The local stack: everything a promotion needs on one machine.
+
+``python -m infra.stack up`` brings up (idempotently) a Docker engine, an OCI registry with
+separate build (push) and deploy (pull) accounts, a Prefect server and the locally made base
+image, then prints where each part listens. ``down`` stops what ``up`` started. State lives in
+``$PORTCULLIS_HOME`` (default ``.stack/`` in the repository), including generated registry
+passwords (mode 600), and ``.stack/env`` can be sourced by a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import docker
+
+from infra import prefect_server, registry
+from infra.base_image import ensure_base_image
+from infra.docker_engine import ensure_engine, stop_private_engine
+from portcullis.errors import PortcullisError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Where the stack keeps its state and which loopback ports it uses."""
+
+    state_dir: Path
+    registry_port: int = 5000
+    prefect_port: int = 4200
+    with_prefect: bool = True
+
+    @classmethod
+    def from_env(cls) -> StackConfig:
+        """Read ``PORTCULLIS_HOME``, ``PORTCULLIS_REGISTRY_PORT``, ``PORTCULLIS_PREFECT_PORT``."""
+        return cls(
+            state_dir=Path(os.environ.get("PORTCULLIS_HOME", REPO_ROOT / ".stack")).resolve(),
+            registry_port=int(os.environ.get("PORTCULLIS_REGISTRY_PORT", "5000")),
+            prefect_port=int(os.environ.get("PORTCULLIS_PREFECT_PORT", "4200")),
+        )
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """Where each part of a running stack listens, and the accounts it made."""
+
+    docker_host: str
+    docker_private: bool
+    docker_version: str
+    registry: str
+    build_user: str
+    build_password: str
+    deploy_user: str
+    deploy_password: str
+    prefect_api_url: str | None
+    base_image_id: str
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point clients and credential settings at this stack."""
+        env = {
+            "DOCKER_HOST": self.docker_host,
+            "PORTCULLIS_BUILD_REGISTRY": self.registry,
+            "PORTCULLIS_BUILD_REGISTRY_USERNAME": self.build_user,
+            "PORTCULLIS_BUILD_REGISTRY_PASSWORD": self.build_password,
+            "PORTCULLIS_BUILD_DOCKER_HOST": self.docker_host,
+            "PORTCULLIS_DEPLOY_REGISTRY": self.registry,
+            "PORTCULLIS_DEPLOY_REGISTRY_USERNAME": self.deploy_user,
+            "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": self.deploy_password,
+            "PORTCULLIS_DEPLOY_DOCKER_HOST": self.docker_host,
+        }
+        if self.prefect_api_url:
+            env["PREFECT_API_URL"] = self.prefect_api_url
+        return env
+
+
+def _accounts(state_dir: Path) -> dict[str, str]:
+    """Registry passwords, generated once per stack and kept readable by the owner only."""
+    path = state_dir / "secrets.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    accounts = {"builder": secrets.token_urlsafe(18), "deployer": secrets.token_urlsafe(18)}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(accounts, fh)
+    return accounts
+
+
+def up(config: StackConfig) -> StackInfo:
+    """Bring the stack up (idempotent) and return where each part listens."""
+    state = config.state_dir
+    engine = ensure_engine(state / "docker")
+    accounts = _accounts(state)
+    reg = registry.start_registry(state / "registry", port=config.registry_port, users=accounts)
+    api_url = None
+    if config.with_prefect:
+        api_url = prefect_server.ensure_server(state / "prefect", config.prefect_port)
+    client = docker.DockerClient(base_url=engine.host, version="auto")
+    try:
+        base_id = ensure_base_image(client)
+    finally:
+        client.close()
+    info = StackInfo(
+        docker_host=engine.host,
+        docker_private=engine.private,
+        docker_version=engine.server_version,
+        registry=reg.address,
+        build_user="builder",
+        build_password=accounts["builder"],
+        deploy_user="deployer",
+        deploy_password=accounts["deployer"],
+        prefect_api_url=api_url,
+        base_image_id=base_id,
+    )
+    env_lines = [f"export {k}={v!r}" for k, v in info.env().items()]
+    env_path = state / "env"
+    fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(env_lines) + "\n")
+    return info
+
+
+def down(config: StackConfig) -> list[str]:
+    """Stop everything :func:`up` started. Returns the names of what was stopped."""
+    state = config.state_dir
+    stopped = []
+    if prefect_server.stop_server(state / "prefect"):
+        stopped.append("prefect-server")
+    if registry.stop_registry(state / "registry"):
+        stopped.append("registry")
+    if stop_private_engine(state / "docker"):
+        stopped.append("dockerd")
+    return stopped
+
+
+def _describe(info: StackInfo) -> str:
+    engine = "private dockerd" if info.docker_private else "existing engine"
+    lines = [
+        f"docker engine   {info.docker_host}  ({engine}, server {info.docker_version})",
+        f"registry        http://{info.registry}  (accounts: builder=push, deployer=pull)",
+        f"prefect server  {info.prefect_api_url or 'not started'}",
+        f"base image      {info.base_image_id}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m infra.stack up|down|status [--json]``."""
+    parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    config = StackConfig.from_env()
+    try:
+        if args.command == "down":
+            stopped = down(config)
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+            return 0
+        info = up(config)
+    except PortcullisError as exc:
+        print(f"stack {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        public = asdict(info)
+        public.pop("build_password")
+        public.pop("deploy_password")
+        print(json.dumps(public, indent=2))
+    else:
+        print(_describe(info))
+        print(f"environment     source {config.state_dir / 'env'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

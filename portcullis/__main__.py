@@ -1,0 +1,59 @@
+"""``python -m portcullis``: the command-line entry point.
+
+It only turns arguments into calls; every user-facing error is caught here, printed, and
+turned into a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from portcullis.errors import PortcullisError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from infra.stack import StackConfig, up
+
+    info = up(StackConfig.from_env())
+    os.environ.update(info.env())
+    print(f"stack: docker {info.docker_host}, registry {info.registry}, prefect {info.prefect_api_url}")
+    from flows.promote import promote
+
+    repo = Path(args.source_repo).resolve()
+    deployment = promote(
+        app=args.app, environment=args.environment, source_repo=str(repo), commit=args.commit,
+        ref=args.ref, context_path=args.context_path,
+    )
+    import httpx
+
+    answer = httpx.get(deployment.url + "cgi-bin/hello", timeout=5)
+    print(f"\n{args.app} is running in {args.environment}: {deployment.url}")
+    print(f"  image   {deployment.image}")
+    print(f"  answer  {answer.status_code} {answer.text.strip()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the command, map errors to exit codes."""
+    parser = argparse.ArgumentParser(prog="python -m portcullis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("promote", help="bring up the local stack and promote an app")
+    demo.add_argument("--app", default="hello")
+    demo.add_argument("--environment", default="dev", choices=["dev", "staging", "prod"])
+    demo.add_argument("--source-repo", default=".")
+    demo.add_argument("--commit", default="HEAD")
+    demo.add_argument("--ref", default="main")
+    demo.add_argument("--context-path", default="examples/hello")
+    args = parser.parse_args(argv)
+    try:
+        return _demo(args)
+    except PortcullisError as exc:
+        print(f"portcullis: refused: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

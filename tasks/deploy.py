@@ -147,6 +147,9 @@ def start_candidate(
         str(image), name=name, detach=True, network_mode="host", labels=labels,
         environment={"PORT": str(plan.slot_port(slot))},
         restart_policy={"Name": "unless-stopped"},
+        # An init as PID 1 forwards SIGTERM, so retiring the old version is a graceful stop,
+        # not a 10 s wait for SIGKILL (busybox httpd as PID 1 ignores SIGTERM).
+        init=True,
     )
     try:
         container.start()

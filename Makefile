@@ -1,0 +1,18 @@
+# The two commands the README promises. Both work on a fresh Debian machine (root).
+.PHONY: demo test stack-up stack-down
+
+# Bring up the local stack and promote the example app to dev; prints where it runs.
+demo:
+	bash infra/bootstrap.sh
+	uv run python -m portcullis promote --app hello --environment dev
+
+# Run the whole test suite (unit and integration tests against real components).
+test:
+	bash infra/bootstrap.sh
+	uv run pytest
+
+stack-up:
+	uv run python -m infra.stack up
+
+stack-down:
+	uv run python -m infra.stack down

@@ -1,0 +1,136 @@
+"""Shared fixtures: a real Docker engine, a real registry, and a throwaway app repository.
+
+The engine is the one that answers (DOCKER_HOST) or a private dockerd this session starts and
+stops. Everything the tests create carries the app-name prefix ``t-`` and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+
+from blocks.credentials import BuildCredentials, DeployCredentials
+from infra.base_image import ensure_base_image
+from infra.docker_engine import DockerEngine, ensure_engine, stop_private_engine
+from infra.registry import RunningRegistry, start_registry, stop_registry
+from tasks.deploy import LABEL_APP
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_APP = REPO_ROOT / "examples" / "hello"
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    """A Docker engine that answers, started privately when none does."""
+    state = tmp_path_factory.mktemp("docker")
+    engine = ensure_engine(state)
+    client = docker.DockerClient(base_url=engine.host, version="auto")
+    ensure_base_image(client)
+    client.close()
+    yield engine
+    if engine.private:
+        stop_private_engine(state)
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_engine: DockerEngine) -> Iterator[docker.DockerClient]:
+    """A client for the test engine; removes every container the tests labelled."""
+    client = docker.DockerClient(base_url=docker_engine.host, version="auto")
+    yield client
+    for c in client.containers.list(all=True, filters={"label": LABEL_APP}):
+        if c.labels.get(LABEL_APP, "").startswith("t-"):
+            c.remove(force=True)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    """A real registry with a build (push) and a deploy (pull) account."""
+    state = tmp_path_factory.mktemp("registry")
+    users = {"builder": secrets.token_urlsafe(12), "deployer": secrets.token_urlsafe(12)}
+    reg = start_registry(state, users=users)
+    yield reg
+    stop_registry(state)
+
+
+@pytest.fixture()
+def build_creds(registry: RunningRegistry, docker_engine: DockerEngine) -> BuildCredentials:
+    """Build credentials for the test registry and engine."""
+    acct = registry.account("builder")
+    return BuildCredentials(
+        registry=registry.address,
+        registry_username=acct.username,
+        registry_password=acct.password,
+        docker_host=docker_engine.host,
+    )
+
+
+@pytest.fixture()
+def deploy_creds(registry: RunningRegistry, docker_engine: DockerEngine) -> DeployCredentials:
+    """Deploy credentials for the test registry and engine."""
+    acct = registry.account("deployer")
+    return DeployCredentials(
+        registry=registry.address,
+        registry_username=acct.username,
+        registry_password=acct.password,
+        docker_host=docker_engine.host,
+    )
+
+
+@dataclass
+class AppRepo:
+    """A git repository holding a copy of the example app, on branch main."""
+
+    path: Path
+
+    def git(self, *args: str) -> str:
+        """Run git in the repository and return its stdout."""
+        return subprocess.run(
+            ["git", "-C", str(self.path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    def commit_config(self, message: str, **settings: str) -> str:
+        """Rewrite app.conf with ``settings`` over the defaults, commit, return the commit id."""
+        conf = self.path / "app.conf"
+        lines = []
+        for line in (EXAMPLE_APP / "app.conf").read_text().splitlines():
+            key = line.split("=", 1)[0]
+            lines.append(f"{key}={settings.pop(key)}" if key in settings else line)
+        lines += [f"{k}={v}" for k, v in settings.items()]
+        conf.write_text("\n".join(lines) + "\n")
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+
+@pytest.fixture()
+def app_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppRepo:
+    """A fresh repository with the example app committed once on main."""
+    path = tmp_path / "app"
+    shutil.copytree(EXAMPLE_APP, path)
+    env = {
+        "GIT_AUTHOR_NAME": "Ada Author",
+        "GIT_AUTHOR_EMAIL": "ada@example.com",
+        "GIT_COMMITTER_NAME": "Ada Author",
+        "GIT_COMMITTER_EMAIL": "ada@example.com",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    repo = AppRepo(path)
+    repo.git("init", "-q", "-b", "main")
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "hello v1")
+    return repo
+
+
+@pytest.fixture()
+def app_name() -> str:
+    """A unique app name; the ``t-`` prefix marks what teardown removes."""
+    return f"t-{secrets.token_hex(3)}"

@@ -1,0 +1,1 @@
+"""Test-only infrastructure: real services started on loopback by test fixtures."""

@@ -1,0 +1,146 @@
+"""The SBOM and scan Prefect tasks: retries only for transient failures, artifacts published."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
+from prefect.testing.utilities import prefect_test_harness
+
+from portcullis.errors import ConfigurationError, PolicyRefusal, ToolError, TransientError
+from portcullis.models import ImageRef
+from portcullis.scan import SbomRecord, ScanOutcome, ScanPolicy, Severity
+from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
+from tasks.scan import generate_sbom_task, retry_only_transient, scan_task
+from tests.support.oci_archive import alpine_files, write_image_archive
+
+IMAGE = ImageRef(
+    registry="127.0.0.1:5000", repository="portcullis/hello", digest="sha256:" + "e" * 64
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (TransientError("registry timed out"), True),
+        (PolicyRefusal("gate said no"), False),
+        (ConfigurationError("no database"), False),
+        (ToolError("trivy", 1, "corrupt database"), False),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(error: Exception, retried: bool) -> None:
+    assert retry_only_transient(None, None, Failed(data=error)) is retried  # type: ignore[arg-type]
+
+
+def test_a_state_without_an_exception_is_not_retried() -> None:
+    state: State[Any] = Failed(data="no exception here")
+    assert retry_only_transient(None, None, state) is False  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.mark.prefect_server
+def test_tasks_publish_artifacts_and_block_a_critical(harness: None, tmp_path: Path) -> None:
+    archive = write_image_archive(
+        tmp_path / "image.tar", alpine_files("3.19.1", [("openssl", "3.1.4-r1")])
+    ).path
+    cache = tmp_path / "trivy-cache"
+    write_trivy_db(
+        cache,
+        [
+            Advisory(
+                vulnerability_id="CVE-2099-0101",
+                ecosystem=Ecosystem.ALPINE,
+                os_version="3.19",
+                package="openssl",
+                severity=Severity.CRITICAL,
+                fixed_version="3.1.4-r5",
+            )
+        ],
+    )
+
+    @flow
+    def stage() -> tuple[SbomRecord, ScanOutcome]:
+        sbom = generate_sbom_task(IMAGE, archive, tmp_path / "out" / "sbom.json", cache)
+        outcome = scan_task(IMAGE, Path(sbom.path), cache, ScanPolicy())
+        return sbom, outcome
+
+    sbom, outcome = stage()
+    assert sbom.summary.os == "alpine 3.19.1"
+    assert Path(sbom.path).read_bytes()
+    assert not outcome.verdict.passed
+    assert [f.vulnerability_id for f in outcome.verdict.blocking] == ["CVE-2099-0101"]
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    hex16 = IMAGE.digest.removeprefix("sha256:")[:16]
+    assert {f"sbom-{hex16}", f"scan-findings-{hex16}"} <= keys
+
+
+@pytest.mark.prefect_server
+def test_missing_database_fails_once_without_retries(harness: None, tmp_path: Path) -> None:
+    sbom = tmp_path / "sbom.json"
+    sbom.write_text('{"bomFormat": "CycloneDX", "specVersion": "1.6", "components": []}')
+
+    @flow
+    def stage() -> tuple[Any, Any]:
+        state = scan_task(IMAGE, sbom, tmp_path / "empty-cache", ScanPolicy(), return_state=True)
+        return state.state_details.task_run_id, state.result(raise_on_failure=False)
+
+    task_run_id, error = stage()
+    assert isinstance(error, ConfigurationError)
+    assert "vulnerability database is missing" in str(error)
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_run(task_run_id)
+    assert task_run.run_count == 1  # the task allows 2 retries; a refusal must use none
+
+
+@pytest.mark.prefect_server
+def test_enforce_raises_after_publishing(harness: None, tmp_path: Path) -> None:
+    archive = write_image_archive(
+        tmp_path / "image.tar", alpine_files("3.19.1", [("openssl", "3.1.4-r1")])
+    ).path
+    cache = tmp_path / "trivy-cache"
+    write_trivy_db(
+        cache,
+        [
+            Advisory(
+                vulnerability_id="CVE-2099-0102",
+                ecosystem=Ecosystem.ALPINE,
+                os_version="3.19",
+                package="openssl",
+                severity=Severity.HIGH,
+                fixed_version="3.1.4-r5",
+            )
+        ],
+    )
+
+    @flow
+    def stage() -> tuple[Any, Any]:
+        sbom = generate_sbom_task(IMAGE, archive, tmp_path / "sbom.json", cache)
+        state = scan_task(
+            IMAGE, Path(sbom.path), cache, ScanPolicy(), enforce=True, return_state=True
+        )
+        return state.state_details.task_run_id, state.result(raise_on_failure=False)
+
+    task_run_id, error = stage()
+    assert isinstance(error, PolicyRefusal)
+    assert "CVE-2099-0102" in str(error)
+    hex16 = IMAGE.digest.removeprefix("sha256:")[:16]
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(task_run_id).run_count == 1
+        published = client.read_artifacts()
+    assert any(
+        a.key == f"scan-findings-{hex16}" and a.task_run_id == task_run_id for a in published
+    )

@@ -92,4 +92,11 @@ def stop_private_engine(state_dir: Path) -> bool:
     stopped = stop_daemon("dockerd", state_dir=state_dir, pid_file=state_dir / "docker.pid")
     if stopped:
         wait_until(lambda: not (state_dir / "docker.sock").exists(), timeout=10)
+    # dockerd leaves its network-namespace mounts behind; without unmounting them the state
+    # directory cannot be removed.
+    prefix = str(state_dir.resolve()) + "/"
+    with open("/proc/mounts") as fh:
+        mounts = [line.split()[1] for line in fh if line.split()[1].startswith(prefix)]
+    for mount in sorted(mounts, key=len, reverse=True):
+        run_tool(["umount", "-l", mount], timeout=10, check=False)
     return stopped

@@ -9,7 +9,7 @@ environment variables through pydantic-settings: ``PORTCULLIS_BUILD_*`` and
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, Self
 
 import docker
 from prefect.blocks.core import Block
@@ -17,8 +17,16 @@ from pydantic import Field, SecretStr, ValidationError, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from portcullis.errors import ConfigurationError
-
-_B = TypeVar("_B", bound="_CredentialsBlock")
+from portcullis.evidence import (
+    EvidenceSigner,
+    EvidenceVerifier,
+    KeylessEvidenceSigner,
+    KeylessEvidenceVerifier,
+    KeyPairSigner,
+    KeyPairVerifier,
+)
+from portcullis.models import Frozen
+from portcullis.oci import RegistryClient
 
 
 class _CredentialsBlock(Block):
@@ -27,7 +35,7 @@ class _CredentialsBlock(Block):
     _env_prefix: ClassVar[str]
 
     @classmethod
-    def from_env(cls: type[_B]) -> _B:
+    def from_env(cls) -> Self:
         """Read this block's fields from ``<prefix><FIELD>`` environment variables."""
         fields: dict[str, Any] = {
             name: (info.annotation, info) for name, info in cls.model_fields.items()
@@ -53,7 +61,7 @@ class _CredentialsBlock(Block):
         return cls(**values.model_dump())
 
     @classmethod
-    def resolve(cls: type[_B], block_name: str | None) -> _B:
+    def resolve(cls, block_name: str | None) -> Self:
         """Load the saved block ``block_name``, or from the environment when it is None."""
         if block_name is None:
             return cls.from_env()
@@ -74,6 +82,14 @@ class _CredentialsBlock(Block):
             "serveraddress": self.registry,  # type: ignore[attr-defined]
         }
 
+    def registry_client(self) -> RegistryClient:
+        """An OCI registry client logged in with this side's account."""
+        return RegistryClient(
+            self.registry,  # type: ignore[attr-defined]
+            username=self.registry_username,  # type: ignore[attr-defined]
+            password=self.registry_password.get_secret_value(),  # type: ignore[attr-defined]
+        )
+
     def docker_client(self) -> docker.DockerClient:
         """A Docker SDK client for this side's engine (``ssh://`` hosts use the ssh client)."""
         host: str | None = self.docker_host  # type: ignore[attr-defined]
@@ -82,6 +98,34 @@ class _CredentialsBlock(Block):
         if host:
             return docker.DockerClient(base_url=host, version="auto")
         return docker.from_env(version="auto")
+
+
+class TrustedIdentity(Frozen):
+    """A keyless signer the deploy side trusts (cosign's --certificate-identity / -oidc-issuer)."""
+
+    identity: str = Field(description="Exact certificate identity (e-mail or URI).")
+    issuer: str = Field(description="Exact OIDC issuer URL.")
+
+
+class AnyVerifier:
+    """Accepts evidence that any of several verifiers accepts (keys and identities together)."""
+
+    def __init__(self, verifiers: list[EvidenceVerifier]) -> None:
+        self._verifiers = verifiers
+
+    def verify_signature(self, image: Any) -> str:
+        """The first trusted signer found."""
+        errors = []
+        for verifier in self._verifiers:
+            try:
+                return verifier.verify_signature(image)
+            except Exception as exc:  # noqa: BLE001 - collected and re-raised below
+                errors.append(exc)
+        raise errors[-1]
+
+    def statements(self, image: Any, predicate_type: str) -> list[Any]:
+        """Statements verified by any verifier."""
+        return [s for v in self._verifiers for s in v.statements(image, predicate_type)]
 
 
 class BuildCredentials(_CredentialsBlock):
@@ -105,6 +149,44 @@ class BuildCredentials(_CredentialsBlock):
     repository_prefix: str = Field(
         default="portcullis", description="Path prefix for app repositories in the registry."
     )
+    signing_mode: Literal["key", "keyless"] = Field(
+        default="key",
+        description="'key': a cosign-format key pair; 'keyless': Sigstore with the CI's OIDC identity.",
+    )
+    cosign_private_key: SecretStr | None = Field(
+        default=None, description="cosign.key (PEM, ENCRYPTED SIGSTORE PRIVATE KEY) for key mode."
+    )
+    cosign_password: SecretStr | None = Field(
+        default=None, description="Password of cosign_private_key."
+    )
+    sigstore_trust_config: str | None = Field(
+        default=None,
+        description="Sigstore ClientTrustConfig JSON (Fulcio, Rekor, roots) for keyless mode.",
+    )
+    sigstore_identity_token: SecretStr | None = Field(
+        default=None,
+        description="OIDC token for keyless mode; empty means the CI's ambient credential.",
+    )
+
+    def evidence_signer(self, client: RegistryClient) -> EvidenceSigner:
+        """The signer this build side is configured for, pushing through ``client``."""
+        from portcullis.signing.cosign_format import decrypt_private_key
+        from portcullis.signing.keyless import KeylessSigner
+
+        if self.signing_mode == "key":
+            if self.cosign_private_key is None or self.cosign_password is None:
+                raise ConfigurationError(
+                    "key signing needs cosign_private_key and cosign_password in the build credentials"
+                )
+            key = decrypt_private_key(
+                self.cosign_private_key.get_secret_value().encode(),
+                self.cosign_password.get_secret_value(),
+            )
+            return KeyPairSigner(client, key)
+        if not self.sigstore_trust_config:
+            raise ConfigurationError("keyless signing needs sigstore_trust_config in the build credentials")
+        token = self.sigstore_identity_token.get_secret_value() if self.sigstore_identity_token else None
+        return KeylessEvidenceSigner(client, KeylessSigner(self.sigstore_trust_config, identity_token=token))
 
 
 class DeployCredentials(_CredentialsBlock):
@@ -128,3 +210,41 @@ class DeployCredentials(_CredentialsBlock):
     public_host: str = Field(
         default="127.0.0.1", description="Host name or address where deployed apps answer."
     )
+    trusted_public_keys: list[str] = Field(
+        default_factory=list, description="PEM public keys (cosign.pub) whose signatures count."
+    )
+    trusted_identities: list[TrustedIdentity] = Field(
+        default_factory=list,
+        description="Keyless signers that count: exact certificate identity and OIDC issuer.",
+    )
+    sigstore_trusted_root: str | None = Field(
+        default=None, description="Sigstore trusted_root.json content for keyless verification."
+    )
+
+    def evidence_verifier(self, client: RegistryClient) -> EvidenceVerifier:
+        """Verifier over every trust anchor configured here (key pairs and/or identities)."""
+        import tempfile
+        from pathlib import Path
+
+        from portcullis.signing.cosign_format import load_public_key
+        from portcullis.signing.keyless import KeylessVerifier, SignerIdentity
+
+        verifiers: list[EvidenceVerifier] = []
+        if self.trusted_public_keys:
+            keys = [load_public_key(pem.encode()) for pem in self.trusted_public_keys]
+            verifiers.append(KeyPairVerifier(client, keys))
+        if self.trusted_identities:
+            if not self.sigstore_trusted_root:
+                raise ConfigurationError("trusted_identities need sigstore_trusted_root")
+            root = Path(tempfile.mkdtemp(prefix="portcullis-root-")) / "trusted_root.json"
+            root.write_text(self.sigstore_trusted_root)
+            verifiers.append(KeylessEvidenceVerifier(client, [
+                KeylessVerifier(root, SignerIdentity(identity=t.identity, issuer=t.issuer))
+                for t in self.trusted_identities
+            ]))
+        if not verifiers:
+            raise ConfigurationError(
+                "the deploy credentials trust no signer (no trusted_public_keys or trusted_identities)",
+                hint="nothing can be deployed until a trust policy is configured",
+            )
+        return verifiers[0] if len(verifiers) == 1 else AnyVerifier(verifiers)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import docker
 
 from infra import prefect_server, registry
 from infra.base_image import ensure_base_image
+from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
 from infra.docker_engine import ensure_engine, stop_private_engine
 from portcullis.errors import PortcullisError
 
@@ -60,6 +62,10 @@ class StackInfo:
     deploy_password: str
     prefect_api_url: str | None
     base_image_id: str
+    state_dir: str
+    cosign_private_key: str
+    cosign_password: str
+    cosign_public_key: str
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -73,6 +79,11 @@ class StackInfo:
             "PORTCULLIS_DEPLOY_REGISTRY_USERNAME": self.deploy_user,
             "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": self.deploy_password,
             "PORTCULLIS_DEPLOY_DOCKER_HOST": self.docker_host,
+            "PORTCULLIS_BUILD_SIGNING_MODE": "key",
+            "PORTCULLIS_BUILD_COSIGN_PRIVATE_KEY": self.cosign_private_key,
+            "PORTCULLIS_BUILD_COSIGN_PASSWORD": self.cosign_password,
+            "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(self.cosign_public_key),
+            "PORTCULLIS_HOME": self.state_dir,
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
@@ -106,6 +117,8 @@ def up(config: StackConfig) -> StackInfo:
         base_id = ensure_base_image(client)
     finally:
         client.close()
+    private_pem, key_password, public_pem = ensure_signing_keys(state)
+    ensure_trivy_db(state / "trivy")
     info = StackInfo(
         docker_host=engine.host,
         docker_private=engine.private,
@@ -117,8 +130,12 @@ def up(config: StackConfig) -> StackInfo:
         deploy_password=accounts["deployer"],
         prefect_api_url=api_url,
         base_image_id=base_id,
+        state_dir=str(state),
+        cosign_private_key=private_pem,
+        cosign_password=key_password,
+        cosign_public_key=public_pem,
     )
-    env_lines = [f"export {k}={v!r}" for k, v in info.env().items()]
+    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"
     fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -168,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         public = asdict(info)
-        public.pop("build_password")
-        public.pop("deploy_password")
+        for secret in ("build_password", "deploy_password", "cosign_private_key", "cosign_password"):
+            public.pop(secret)
         print(json.dumps(public, indent=2))
     else:
         print(_describe(info))

@@ -18,8 +18,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import re
-from collections.abc import Generator, Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -110,6 +113,15 @@ def _check_repo(repository: str) -> None:
 def _check_reference(reference: str) -> None:
     if not (_DIGEST_RE.fullmatch(reference) or _TAG_RE.fullmatch(reference)):
         raise PolicyRefusal(f"{reference!r} is neither a tag nor a sha256 digest")
+
+
+_TAG_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
+_TAG_LOCKS_GUARD = threading.Lock()
+
+
+def _tag_lock(registry: str, repository: str, tag: str) -> threading.Lock:
+    with _TAG_LOCKS_GUARD:
+        return _TAG_LOCKS.setdefault((registry, repository, tag), threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -348,7 +360,12 @@ class RegistryClient:
         if status == 404 and missing_ok:
             return response
         if status in (401, 403):
-            detail = "not allowed to " + what if status == 403 else f"while trying to {what}"
+            # A token registry answers 401 with error="insufficient_scope" when the token
+            # service vouched for the account but did not grant the action: a 403 in effect.
+            denied = status == 403 or 'error="insufficient_scope"' in response.headers.get(
+                "www-authenticate", ""
+            )
+            detail = "not allowed to " + what if denied else f"while trying to {what}"
             raise RegistryAuthError(self.registry, self.username, detail)
         if status == 429 or status >= 500:
             raise TransientError(
@@ -671,18 +688,50 @@ class RegistryClient:
         return pushed
 
     def _add_to_referrers_index(self, repository: str, subject: str, entry: Descriptor) -> None:
-        # Read-modify-write of one tag: two writers at the same instant can lose an entry
-        # (distribution 2.8 has no conditional PUT). Pipelines attach one artifact at a time.
         tag = referrers_tag(subject)
-        entries = self._fallback_referrers(repository, subject)
-        if any(e.digest == entry.digest for e in entries):
-            return
-        index = {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_OCI_INDEX,
-            "manifests": [e.to_json() for e in [*entries, entry]],
-        }
-        self._put_manifest(repository, tag, canonical_json(index), MEDIA_OCI_INDEX)
+
+        def write() -> None:
+            entries = self._fallback_referrers(repository, subject)
+            if any(e.digest == entry.digest for e in entries):
+                return
+            index = {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_OCI_INDEX,
+                "manifests": [e.to_json() for e in [*entries, entry]],
+            }
+            self._put_manifest(repository, tag, canonical_json(index), MEDIA_OCI_INDEX)
+
+        def present() -> bool:
+            return any(e.digest == entry.digest for e in self._fallback_referrers(repository, subject))
+
+        self.converge_tag(repository, tag, write, present)
+
+    def converge_tag(
+        self,
+        repository: str,
+        tag: str,
+        write: Callable[[], None],
+        present: Callable[[], bool],
+        *,
+        attempts: int = 8,
+    ) -> None:
+        """Read-modify-write of one tag that survives concurrent writers.
+
+        The registry has no conditional PUT, so two writers appending to the same tag (the
+        parallel SBOM, scan and provenance attestations of one digest) can each overwrite the
+        other's entry. Writers in this process are serialised by a lock per tag; writers in
+        other processes are caught by reading back after a short random pause and writing
+        again until our entry is there.
+        """
+        with _tag_lock(self.registry, repository, tag):
+            for _ in range(attempts):
+                write()
+                time.sleep(0.02 + random.random() * 0.08)
+                if present():
+                    return
+        raise TransientError(
+            f"could not update tag {tag} in {repository}: other writers kept replacing it"
+        )
 
     def _fallback_referrers(self, repository: str, subject: str) -> list[Descriptor]:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from portcullis.attestations import BUILDER_ID, CYCLONEDX_BOM, SLSA_PROVENANCE_V1
@@ -55,7 +56,11 @@ def _one(image: ImageRef, evidence: EvidenceVerifier, check: str, predicate_type
 
 @dataclass(frozen=True)
 class ProvenanceCheck:
-    """SLSA provenance from our builder, from an allowed repository and branch."""
+    """SLSA provenance from our builder, from an allowed repository and branch.
+
+    Repositories and branches are fnmatch patterns (``feature/*``); a plain name matches only
+    itself.
+    """
 
     allowed_repositories: tuple[str, ...]
     allowed_branches: tuple[str, ...]
@@ -76,9 +81,9 @@ class ProvenanceCheck:
             repo = source.get("repository")
             if builder != self.builder_id:
                 reasons.append(f"built by {builder!r}, not {self.builder_id!r}")
-            elif repo not in self.allowed_repositories:
+            elif not any(fnmatchcase(str(repo), p) for p in self.allowed_repositories):
                 reasons.append(f"source repository {repo!r} is not allowed")
-            elif ref not in self.allowed_branches:
+            elif not any(fnmatchcase(ref, p) for p in self.allowed_branches):
                 reasons.append(
                     f"built from branch {ref!r}; this environment only accepts "
                     f"{', '.join(self.allowed_branches)}"

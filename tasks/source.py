@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from portcullis.errors import PolicyRefusal, ToolError
@@ -57,6 +58,9 @@ def resolve_source(repo: str | Path, commit: str, ref: str, context_path: str = 
         url = _git(repo_path, "config", "--get", "remote.origin.url")
     except ToolError:
         url = str(repo_path)
+    if "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url):
+        # A local path (or a clone of one): record it as a URL so policies can match it.
+        url = f"file://{(repo_path / url).resolve()}"
     return SourceRef(repo_url=url, commit=sha, ref=ref, author=author, context_path=context_path)
 
 

@@ -357,42 +357,52 @@ def _append_layer(
     layer: Descriptor,
     already_there: Callable[[Descriptor], bool],
 ) -> PushedSignature:
-    """Add ``layer`` to the manifest under ``tag`` (creating it), keeping what is there.
-
-    A read-modify-write of one tag: two signers at the same instant can lose one signature
-    (the registry has no conditional PUT). A pipeline signs a digest once, from one task.
-    """
+    """Add ``layer`` to the manifest under ``tag`` (creating it), keeping what is there."""
     repo = image.repository
-    try:
-        existing = client.get_manifest(repo, tag).layers()
-    except NotFoundInRegistry:
-        existing = []
-    if any(already_there(e) for e in existing):
-        current = client.head_manifest(repo, tag)
-        return PushedSignature(image, tag, current.digest if current else "", layer.digest, False)
-    client.upload_blob(repo, blob)
-    layers = [*existing, layer]
-    # The same config go-containerregistry writes for cosign's signature images: nothing
-    # reads it, but registries want a config blob that lists the layers.
-    config = canonical_json(
-        {
-            "architecture": "",
-            "config": {},
-            "created": "0001-01-01T00:00:00Z",
-            "history": [{"created": "0001-01-01T00:00:00Z"} for _ in layers],
-            "os": "",
-            "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
+    result: list[PushedSignature] = []
+
+    def current_layers() -> list[Descriptor]:
+        try:
+            return list(client.get_manifest(repo, tag).layers())
+        except NotFoundInRegistry:
+            return []
+
+    def write() -> None:
+        existing = current_layers()
+        if any(already_there(e) for e in existing):
+            head = client.head_manifest(repo, tag)
+            result[:] = [PushedSignature(image, tag, head.digest if head else "", layer.digest,
+                                         bool(result and result[0].appended))]
+            return
+        client.upload_blob(repo, blob)
+        layers = [*existing, layer]
+        # The same config go-containerregistry writes for cosign's signature images: nothing
+        # reads it, but registries want a config blob that lists the layers.
+        config = canonical_json(
+            {
+                "architecture": "",
+                "config": {},
+                "created": "0001-01-01T00:00:00Z",
+                "history": [{"created": "0001-01-01T00:00:00Z"} for _ in layers],
+                "os": "",
+                "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]},
+            }
+        )
+        config_desc = client.push_blob_descriptor(repo, config, MEDIA_OCI_CONFIG)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": config_desc.to_json(),
+            "layers": [x.to_json() for x in layers],
         }
-    )
-    config_desc = client.push_blob_descriptor(repo, config, MEDIA_OCI_CONFIG)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MEDIA_OCI_MANIFEST,
-        "config": config_desc.to_json(),
-        "layers": [x.to_json() for x in layers],
-    }
-    digest = client.put_manifest(repo, tag, canonical_json(manifest), MEDIA_OCI_MANIFEST)
-    return PushedSignature(image, tag, digest, layer.digest, True)
+        digest = client.put_manifest(repo, tag, canonical_json(manifest), MEDIA_OCI_MANIFEST)
+        result[:] = [PushedSignature(image, tag, digest, layer.digest, True)]
+
+    # Parallel attestations of one digest append to the same tag: converge_tag serialises
+    # writers in this process and re-writes when another process replaced our layer.
+    client.converge_tag(repo, tag, write,
+                        lambda: any(already_there(e) for e in current_layers()))
+    return result[0]
 
 
 def _require_image(client: RegistryClient, image: ImageRef, check: str) -> None:

@@ -1,0 +1,61 @@
+"""What the local stack provisions for signing and scanning with no internet.
+
+* a cosign-format key pair: the private half goes to the build side only, the public half to
+  the deploy side's trust policy;
+* a small offline trivy database. trivy normally downloads its database; offline, the stack
+  writes one with advisories for the example app's bundled component, so the scan gate has
+  something real to decide. Point ``PORTCULLIS_TRIVY_CACHE_DIR`` at a mirrored database for
+  real use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from portcullis.scan import Severity
+from portcullis.signing.cosign_format import generate_key_pair, write_key_pair
+from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
+
+DEMO_ADVISORIES = (
+    Advisory(
+        vulnerability_id="PCDEMO-2026-0001", ecosystem=Ecosystem.PIP, package="hello-widgets",
+        severity=Severity.CRITICAL, fixed_version="1.2.0",
+        title="hello-widgets before 1.2.0 lets any request read the server's files",
+    ),
+    Advisory(
+        vulnerability_id="PCDEMO-2026-0002", ecosystem=Ecosystem.PIP, package="hello-widgets",
+        severity=Severity.LOW, fixed_version="1.3.0",
+        title="hello-widgets before 1.3.0 logs request headers at debug level",
+    ),
+)
+
+
+def ensure_signing_keys(state_dir: Path) -> tuple[str, str, str]:
+    """Create (once) the stack's cosign key pair; return (private PEM, password, public PEM)."""
+    keys = state_dir / "keys"
+    password_file = keys / "cosign.password"
+    if not password_file.exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(24)
+        write_key_pair(keys, generate_key_pair(), password, overwrite=True)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password)
+    return (
+        (keys / "cosign.key").read_text(),
+        password_file.read_text(),
+        (keys / "cosign.pub").read_text(),
+    )
+
+
+def ensure_trivy_db(cache_dir: Path) -> Path:
+    """Write the offline demo database (refreshed at every `up`, so it is never stale)."""
+    return write_trivy_db(cache_dir, DEMO_ADVISORIES)
+
+
+def trusted_keys_env(public_pem: str) -> str:
+    """The deploy side's trusted keys as pydantic-settings reads a list from the environment."""
+    return json.dumps([public_pem])

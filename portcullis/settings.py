@@ -1,0 +1,50 @@
+"""Process-wide settings read from ``PORTCULLIS_*`` environment variables (pydantic-settings).
+
+These are not secrets (those live in blocks); they say where things are on this worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Where this worker keeps its data and reads its policies."""
+
+    model_config = SettingsConfigDict(env_prefix="PORTCULLIS_", extra="ignore")
+
+    home: Path = Field(default=REPO_ROOT / ".stack", description="state of the local stack")
+    policy_dir: Path = Field(
+        default=REPO_ROOT / "policies",
+        description="environment policies; on a deploy worker, a directory the people who "
+        "trigger promotions cannot write",
+    )
+    trivy_cache_dir: Path | None = Field(
+        default=None, description="trivy cache with the vulnerability DB (default: <home>/trivy)"
+    )
+    work_dir: Path | None = Field(
+        default=None, description="scratch space for image archives and SBOMs (default: <home>/work)"
+    )
+    audit_log: Path | None = Field(
+        default=None, description="the local audit log (default: <home>/audit/audit.jsonl)"
+    )
+
+    @property
+    def trivy_cache(self) -> Path:
+        """The trivy cache directory."""
+        return self.trivy_cache_dir or self.home / "trivy"
+
+    @property
+    def scratch(self) -> Path:
+        """The scratch directory."""
+        return self.work_dir or self.home / "work"
+
+    @property
+    def audit_path(self) -> Path:
+        """The local audit log file."""
+        return self.audit_log or self.home / "audit" / "audit.jsonl"

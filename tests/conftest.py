@@ -134,3 +134,51 @@ def app_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppRepo:
 def app_name() -> str:
     """A unique app name; the ``t-`` prefix marks what teardown removes."""
     return f"t-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (and database) for every flow test in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@dataclass(frozen=True)
+class PipelineEnv:
+    """What a promote flow run needs: credentials, keys, trivy DB, state, all for tests."""
+
+    home: Path
+    public_key_pem: str
+
+
+@pytest.fixture()
+def pipeline_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, build_creds: BuildCredentials,
+    deploy_creds: DeployCredentials,
+) -> PipelineEnv:
+    """Point the flow's PORTCULLIS_* settings at the test engine, registry and a fresh home."""
+    from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
+
+    home = tmp_path / "home"
+    private_pem, password, public_pem = ensure_signing_keys(home)
+    ensure_trivy_db(home / "trivy")
+    env = {
+        "PORTCULLIS_HOME": str(home),
+        "PORTCULLIS_BUILD_REGISTRY": build_creds.registry,
+        "PORTCULLIS_BUILD_REGISTRY_USERNAME": build_creds.registry_username,
+        "PORTCULLIS_BUILD_REGISTRY_PASSWORD": build_creds.registry_password.get_secret_value(),
+        "PORTCULLIS_BUILD_DOCKER_HOST": build_creds.docker_host or "",
+        "PORTCULLIS_BUILD_SIGNING_MODE": "key",
+        "PORTCULLIS_BUILD_COSIGN_PRIVATE_KEY": private_pem,
+        "PORTCULLIS_BUILD_COSIGN_PASSWORD": password,
+        "PORTCULLIS_DEPLOY_REGISTRY": deploy_creds.registry,
+        "PORTCULLIS_DEPLOY_REGISTRY_USERNAME": deploy_creds.registry_username,
+        "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deploy_creds.registry_password.get_secret_value(),
+        "PORTCULLIS_DEPLOY_DOCKER_HOST": deploy_creds.docker_host or "",
+        "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return PipelineEnv(home=home, public_key_pem=public_pem)

@@ -4,5 +4,6 @@ Blocks hold configuration, secrets and client factories; no workflow logic lives
 """
 
 from blocks.credentials import BuildCredentials, DeployCredentials
+from blocks.incidents import IncidentSystemBlock
 
-__all__ = ["BuildCredentials", "DeployCredentials"]
+__all__ = ["BuildCredentials", "DeployCredentials", "IncidentSystemBlock"]

@@ -1,0 +1,626 @@
+"""A production-like Prefect installation beside the local stack.
+
+``python -m infra.production up`` brings up, idempotently and on loopback only:
+
+* a private PostgreSQL cluster (Debian's ``postgresql`` binaries, ``initdb`` + ``postgres``
+  in the state directory, run as the ``postgres`` user when started by root), with a
+  ``prefect`` role that owns the ``prefect`` database and nothing else;
+* a Prefect server against that database, its API closed by an auth string;
+* the work pools ``portcullis-build`` and ``portcullis-deploy`` (type ``process``);
+* one process worker per pool, each with its own environment: the build worker sees only
+  ``PORTCULLIS_BUILD_*`` variables, the deploy worker only ``PORTCULLIS_DEPLOY_*`` (plus the
+  deploy-side incident and approver settings), and each gets ``PORTCULLIS_WORKER_SIDE`` so a
+  task can assert where it runs (:func:`assert_worker_side`).
+
+``down`` stops what ``up`` started (workers, server, then the database); ``status`` reports
+what runs. State (database files, generated passwords in ``secrets.json`` mode 0600, logs)
+lives in ``$PORTCULLIS_PRODUCTION_HOME`` (default ``.production/`` in the repository), and
+``<home>/env`` can be sourced by a client (API URL and auth string). See infra/production.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, assert_never
+
+import httpx
+
+from infra.daemon import running_pid, start_daemon, stop_daemon, wait_until
+from infra.prefect_server import prefect_env
+from portcullis.errors import ConfigurationError, PortcullisError
+from portcullis.toolrun import run_tool
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+Side = Literal["build", "deploy"]
+SIDES: tuple[Side, ...] = ("build", "deploy")
+
+#: Work pool of each side.
+POOLS: dict[Side, str] = {"build": "portcullis-build", "deploy": "portcullis-deploy"}
+
+#: Which PORTCULLIS_* variables a side's worker may see (exact names or prefixes ending "_").
+#: Everything else named PORTCULLIS_* is removed from that worker's environment, so a build
+#: flow run cannot read deploy credentials and the other way round.
+SIDE_VARIABLES: dict[Side, tuple[str, ...]] = {
+    "build": ("PORTCULLIS_BUILD_",),
+    "deploy": ("PORTCULLIS_DEPLOY_", "PORTCULLIS_INCIDENTS_", "PORTCULLIS_APPROVERS_FILE"),
+}
+
+WORKER_SIDE_VAR = "PORTCULLIS_WORKER_SIDE"
+DB_NAME = "prefect"
+DB_ROLE = "prefect"
+DB_ADMIN = "portcullis_admin"
+
+# Client-side Prefect settings and database secrets that must not leak from the shell that
+# runs `up` into a daemon: each daemon gets exactly the Prefect settings set here.
+_NEVER_INHERITED_PREFIXES = ("PREFECT_", "PG")
+
+
+def _postgres_bindir() -> Path:
+    """Directory with initdb/postgres/pg_ctl/psql: ``$PORTCULLIS_PG_BINDIR``, else Debian's."""
+    configured = os.environ.get("PORTCULLIS_PG_BINDIR")
+    if configured:
+        return Path(configured)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).resolve().parent
+    raise ConfigurationError(
+        "PostgreSQL server binaries (initdb, postgres) are not installed",
+        hint="apt-get install -y postgresql, or set PORTCULLIS_PG_BINDIR",
+    )
+
+
+@dataclass(frozen=True)
+class ProductionConfig:
+    """Where the production-like setup keeps its state and which loopback ports it uses."""
+
+    state_dir: Path
+    postgres_port: int = 5433
+    prefect_port: int = 4300
+    #: Account PostgreSQL runs as when `up` runs as root (PostgreSQL refuses to run as root).
+    postgres_user: str = "postgres"
+
+    @classmethod
+    def from_env(cls) -> ProductionConfig:
+        """Read ``PORTCULLIS_PRODUCTION_HOME``, ``..._PG_PORT`` and ``..._PREFECT_PORT``."""
+        return cls(
+            state_dir=Path(
+                os.environ.get("PORTCULLIS_PRODUCTION_HOME", REPO_ROOT / ".production")
+            ).resolve(),
+            postgres_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PG_PORT", "5433")),
+            prefect_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PREFECT_PORT", "4300")),
+        )
+
+    @property
+    def api_url(self) -> str:
+        """The Prefect API this setup serves."""
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def pg_dir(self) -> Path:
+        """The cluster's data directory."""
+        return self.state_dir / "postgres" / "data"
+
+    @property
+    def pg_socket_dir(self) -> Path:
+        """Where the cluster puts its unix socket (not the system's /var/run/postgresql)."""
+        return self.state_dir / "postgres" / "run"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as the API sees it."""
+
+    pool: str
+    name: str
+    status: str
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class ProductionInfo:
+    """What runs, where it listens, and the workers the API reports."""
+
+    database: str
+    postgres_pid: int | None
+    api_url: str
+    server_pid: int | None
+    server_healthy: bool
+    pools: tuple[str, ...]
+    workers: tuple[WorkerInfo, ...]
+    env_file: str
+
+
+@dataclass(frozen=True)
+class _Secrets:
+    db_admin_password: str
+    db_password: str
+    api_auth_string: str
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _secrets(state_dir: Path) -> _Secrets:
+    """Passwords and the API auth string, generated once per setup, readable by the owner."""
+    path = state_dir / "secrets.json"
+    if path.exists():
+        return _Secrets(**json.loads(path.read_text()))
+    made = _Secrets(
+        db_admin_password=secrets.token_urlsafe(24),
+        db_password=secrets.token_urlsafe(24),
+        # Prefect compares the whole "user:password" string sent as HTTP basic auth.
+        api_auth_string=f"portcullis:{secrets.token_urlsafe(24)}",
+    )
+    _write_private(path, json.dumps(asdict(made)))
+    return made
+
+
+def _as_db_user(config: ProductionConfig) -> tuple[list[str], pwd.struct_passwd | None]:
+    """argv prefix that drops root to the database account, and that account (None: no drop)."""
+    if os.geteuid() != 0:
+        return [], None
+    try:
+        account = pwd.getpwnam(config.postgres_user)
+    except KeyError:
+        raise ConfigurationError(
+            f"PostgreSQL must not run as root and there is no {config.postgres_user!r} account",
+            hint="apt-get install -y postgresql creates it",
+        ) from None
+    prefix = [
+        "setpriv",
+        f"--reuid={account.pw_uid}",
+        f"--regid={account.pw_gid}",
+        "--clear-groups",
+        "--",
+    ]
+    return prefix, account
+
+
+def _check_reachable(path: Path, account: pwd.struct_passwd) -> None:
+    """Refuse early when the database account cannot reach ``path`` (a 0700 parent)."""
+    for parent in reversed(path.parents):
+        st = parent.stat()
+        if st.st_uid == account.pw_uid:
+            continue
+        if st.st_mode & 0o001 or (st.st_gid == account.pw_gid and st.st_mode & 0o010):
+            continue
+        raise ConfigurationError(
+            f"the {account.pw_name} account cannot reach {path}: {parent} is mode "
+            f"{st.st_mode & 0o777:o} and not its own",
+            hint="put PORTCULLIS_PRODUCTION_HOME under a directory others may traverse "
+            "(e.g. /srv or /tmp), or run `up` as a non-root user",
+        )
+
+
+def _clean_env_prefix(keep: Sequence[str], setting: Mapping[str, str]) -> list[str]:
+    """``env -u NAME ...`` removing inherited variables a daemon must not see.
+
+    ``start_daemon`` passes the caller's environment on; names (never values) of what to drop
+    go on the command line. ``keep`` lists exact names or ``_``-terminated prefixes;
+    ``setting`` is what the daemon is given explicitly, which is never dropped.
+    """
+
+    def kept(name: str) -> bool:
+        return any(name == k or (k.endswith("_") and name.startswith(k)) for k in keep)
+
+    drop = sorted(
+        name
+        for name in os.environ
+        if (name.startswith("PORTCULLIS_") or name.startswith(_NEVER_INHERITED_PREFIXES))
+        and not kept(name)
+        and name not in setting
+    )
+    argv = ["env"]
+    for name in drop:
+        argv += ["-u", name]
+    return argv
+
+
+def _pg_ready(config: ProductionConfig) -> bool:
+    result = run_tool(
+        [
+            str(_postgres_bindir() / "pg_isready"),
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(config.postgres_port),
+            "-d",
+            "postgres",
+        ],
+        timeout=5,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def _psql(config: ProductionConfig, password: str, sql: str) -> str:
+    """Run ``sql`` (on stdin, where passwords may appear) as the cluster's admin."""
+    result = run_tool(
+        [
+            str(_postgres_bindir() / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(config.postgres_port),
+            "-U",
+            DB_ADMIN,
+            "-d",
+            "postgres",
+            "-tA",
+        ],
+        timeout=30,
+        secret_env={"PGPASSWORD": password},
+        stdin=sql.encode(),
+    )
+    return result.stdout.decode().strip()
+
+
+def _ensure_postgres(config: ProductionConfig, made: _Secrets) -> int:
+    bindir = _postgres_bindir()
+    drop_root, account = _as_db_user(config)
+    pg_home = config.pg_dir.parent
+    pg_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config.pg_socket_dir.mkdir(mode=0o700, exist_ok=True)
+    if account is not None:
+        _check_reachable(pg_home, account)
+        for path in (pg_home, config.pg_socket_dir):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    if not (config.pg_dir / "PG_VERSION").exists():
+        # initdb reads the admin password from a file; it exists only while initdb runs.
+        pwfile = pg_home / "initdb-password"
+        _write_private(pwfile, made.db_admin_password)
+        if account is not None:
+            os.chown(pwfile, account.pw_uid, account.pw_gid)
+        try:
+            run_tool(
+                [
+                    *drop_root,
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(config.pg_dir),
+                    "-U",
+                    DB_ADMIN,
+                    f"--pwfile={pwfile}",
+                    # Passwords even over the local socket: no peer trust for other accounts.
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                timeout=120,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+    pid = start_daemon(
+        "postgres",
+        [
+            *drop_root,
+            str(bindir / "postgres"),
+            "-D",
+            str(config.pg_dir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"port={config.postgres_port}",
+            "-c",
+            f"unix_socket_directories={config.pg_socket_dir}",
+        ],
+        state_dir=config.state_dir,
+        ready=lambda: _pg_ready(config),
+        timeout=60,
+    )
+    # Least privilege: Prefect logs in as a role that owns its database and nothing else.
+    # \gexec runs the generated statement only when the role or database is missing.
+    _psql(
+        config,
+        made.db_admin_password,
+        f"""
+SELECT format('CREATE ROLE {DB_ROLE} LOGIN PASSWORD %L', '{made.db_password}')
+  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{DB_ROLE}') \\gexec
+SELECT 'CREATE DATABASE {DB_NAME} OWNER {DB_ROLE}'
+  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}') \\gexec
+""",
+    )
+    return pid
+
+
+def _auth_headers(auth_string: str) -> dict[str, str]:
+    token = base64.b64encode(auth_string.encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def _api(config: ProductionConfig, made: _Secrets) -> httpx.Client:
+    return httpx.Client(
+        base_url=config.api_url, headers=_auth_headers(made.api_auth_string), timeout=10
+    )
+
+
+def _server_healthy(config: ProductionConfig) -> bool:
+    try:
+        return httpx.get(f"{config.api_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _client_env(config: ProductionConfig, made: _Secrets, home: Path) -> dict[str, str]:
+    env = prefect_env(home, config.prefect_port)
+    env["PREFECT_API_AUTH_STRING"] = made.api_auth_string
+    return env
+
+
+def _ensure_server(config: ProductionConfig, made: _Secrets) -> int:
+    home = config.state_dir / "prefect"
+    env = prefect_env(home, config.prefect_port)
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+        f"postgresql+asyncpg://{DB_ROLE}:{made.db_password}"
+        f"@127.0.0.1:{config.postgres_port}/{DB_NAME}"
+    )
+    env["PREFECT_SERVER_API_AUTH_STRING"] = made.api_auth_string
+    prefect = Path(sys.executable).with_name("prefect")
+    return start_daemon(
+        "prefect-server",
+        [
+            *_clean_env_prefix(keep=(), setting=env),
+            str(prefect),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(config.prefect_port),
+        ],
+        state_dir=config.state_dir,
+        env=env,
+        ready=lambda: _server_healthy(config),
+        timeout=180,
+    )
+
+
+def _ensure_pool(config: ProductionConfig, made: _Secrets, pool: str) -> None:
+    with _api(config, made) as api:
+        found = api.get(f"/work_pools/{pool}")
+    if found.status_code == 200:
+        return
+    if found.status_code != 404:
+        raise PortcullisError(
+            f"reading work pool {pool} from {config.api_url} failed: HTTP {found.status_code}",
+            hint=f"see {config.state_dir / 'prefect-server.log'}",
+        )
+    env = _client_env(config, made, config.state_dir / "prefect")
+    auth = env.pop("PREFECT_API_AUTH_STRING")
+    run_tool(
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "work-pool",
+            "create",
+            pool,
+            "--type",
+            "process",
+        ],
+        timeout=120,
+        env=env,
+        secret_env={"PREFECT_API_AUTH_STRING": auth},
+    )
+
+
+def worker_name(side: Side) -> str:
+    """The name this host's worker for ``side`` registers under."""
+    return f"{side}-{socket.gethostname()}"
+
+
+def _workers(config: ProductionConfig, made: _Secrets, pool: str) -> list[dict[str, Any]]:
+    with _api(config, made) as api:
+        response = api.post(f"/work_pools/{pool}/workers/filter", json={})
+    if response.status_code != 200:
+        return []
+    return [w for w in response.json() if isinstance(w, dict)]
+
+
+def _worker_online(config: ProductionConfig, made: _Secrets, side: Side) -> bool:
+    return any(
+        w.get("name") == worker_name(side) and w.get("status") == "ONLINE"
+        for w in _workers(config, made, POOLS[side])
+    )
+
+
+def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
+    home = config.state_dir / f"worker-{side}"
+    env = _client_env(config, made, home)
+    env[WORKER_SIDE_VAR] = side
+    prefect = Path(sys.executable).with_name("prefect")
+    return start_daemon(
+        f"worker-{side}",
+        [
+            *_clean_env_prefix(keep=SIDE_VARIABLES[side], setting=env),
+            str(prefect),
+            "worker",
+            "start",
+            "--pool",
+            POOLS[side],
+            "--type",
+            "process",
+            "--name",
+            worker_name(side),
+        ],
+        state_dir=config.state_dir,
+        env=env,
+        ready=lambda: _worker_online(config, made, side),
+        timeout=120,
+    )
+
+
+def up(config: ProductionConfig) -> ProductionInfo:
+    """Bring everything up (idempotent) and report what runs."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    # Traversable (not listable) so the database account can reach its own subdirectory.
+    config.state_dir.chmod(0o711)
+    made = _secrets(config.state_dir)
+    _ensure_postgres(config, made)
+    _ensure_server(config, made)
+    for side in SIDES:
+        _ensure_pool(config, made, POOLS[side])
+    for side in SIDES:
+        _ensure_worker(config, made, side)
+    env_lines = [
+        f"export PREFECT_API_URL={config.api_url!r}",
+        f"export PREFECT_API_AUTH_STRING={made.api_auth_string!r}",
+    ]
+    _write_private(config.state_dir / "env", "\n".join(env_lines) + "\n")
+    return status(config)
+
+
+def status(config: ProductionConfig) -> ProductionInfo:
+    """What runs now, as the pid files and the Prefect API report it."""
+    made = _secrets(config.state_dir) if (config.state_dir / "secrets.json").exists() else None
+    healthy = _server_healthy(config)
+    pools: list[str] = []
+    workers: list[WorkerInfo] = []
+    if healthy and made is not None:
+        for side in SIDES:
+            with _api(config, made) as api:
+                if api.get(f"/work_pools/{POOLS[side]}").status_code != 200:
+                    continue
+            pools.append(POOLS[side])
+            for w in _workers(config, made, POOLS[side]):
+                mine = w.get("name") == worker_name(side)
+                pid = running_pid(config.state_dir / f"worker-{side}.pid") if mine else None
+                workers.append(
+                    WorkerInfo(POOLS[side], str(w.get("name")), str(w.get("status")), pid)
+                )
+    return ProductionInfo(
+        database=f"postgresql://{DB_ROLE}@127.0.0.1:{config.postgres_port}/{DB_NAME}",
+        postgres_pid=running_pid(config.state_dir / "postgres.pid"),
+        api_url=config.api_url,
+        server_pid=running_pid(config.state_dir / "prefect-server.pid"),
+        server_healthy=healthy,
+        pools=tuple(pools),
+        workers=tuple(workers),
+        env_file=str(config.state_dir / "env"),
+    )
+
+
+def down(config: ProductionConfig) -> list[str]:
+    """Stop workers, then the server, then the database. Returns what was stopped."""
+    stopped = []
+    for side in SIDES:
+        if stop_daemon(f"worker-{side}", state_dir=config.state_dir):
+            stopped.append(f"worker-{side}")
+    if stop_daemon("prefect-server", state_dir=config.state_dir):
+        stopped.append("prefect-server")
+    pid_file = config.state_dir / "postgres.pid"
+    if running_pid(pid_file) is not None:
+        drop_root, _ = _as_db_user(config)
+        # A fast shutdown (roll back sessions, checkpoint) instead of waiting for clients.
+        run_tool(
+            [
+                *drop_root,
+                str(_postgres_bindir() / "pg_ctl"),
+                "stop",
+                "-D",
+                str(config.pg_dir),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+            ],
+            timeout=45,
+            check=False,
+        )
+        wait_until(lambda: running_pid(pid_file) is None, timeout=10)
+        stop_daemon("postgres", state_dir=config.state_dir)
+        stopped.append("postgres")
+    return stopped
+
+
+def assert_worker_side(expected: Side, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse to go on unless this process runs on the ``expected`` side's worker.
+
+    Args:
+        expected: "build" or "deploy".
+        environ: the environment to look at; default ``os.environ``.
+
+    Raises:
+        ConfigurationError: ``PORTCULLIS_WORKER_SIDE`` is missing or names the other side.
+    """
+    env = os.environ if environ is None else environ
+    actual = env.get(WORKER_SIDE_VAR)
+    match expected:
+        case "build" | "deploy":
+            if actual != expected:
+                raise ConfigurationError(
+                    f"this task must run on the {expected} side, but {WORKER_SIDE_VAR} is "
+                    f"{actual!r}",
+                    hint=f"run the deployment on the {POOLS[expected]} work pool",
+                )
+        case _:
+            assert_never(expected)
+
+
+def _describe(info: ProductionInfo) -> str:
+    lines = [
+        f"postgresql      {info.database}  (pid {info.postgres_pid or 'not running'})",
+        (
+            f"prefect server  {info.api_url}  "
+            f"({'healthy' if info.server_healthy else 'not answering'}, pid {info.server_pid})"
+        ),
+        f"work pools      {', '.join(info.pools) or 'none'}",
+    ]
+    for w in info.workers:
+        lines.append(f"worker          {w.pool}: {w.name} {w.status} (pid {w.pid})")
+    lines.append(f"environment     source {info.env_file}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m infra.production up|down|status [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.production",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    config = ProductionConfig.from_env()
+    try:
+        if args.command == "down":
+            stopped = down(config)
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+            return 0
+        info = up(config) if args.command == "up" else status(config)
+    except PortcullisError as exc:
+        print(f"production {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(info), indent=2) if args.json else _describe(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

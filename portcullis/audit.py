@@ -1,0 +1,456 @@
+"""The tamper-evident audit trail.
+
+Every decision is one JSON line in an append-only file. Each record carries the SHA-256 of
+the record before it (``prev_hash``) and its own hash over its canonical JSON, so editing,
+deleting or reordering any record breaks the chain at that point. Cutting records off the
+end leaves a valid chain, so a separately kept *anchor* (the head file: last sequence number
+and hash, rewritten after every append) is checked too; keep it, or the HTTP mirror, where
+the people who can write the log cannot.
+
+Hashes are unkeyed: someone who can rewrite the whole file *and* the anchor can forge a new
+consistent history. The chain makes tampering evident to anyone holding an older anchor or
+the central copy, not impossible.
+
+Run ``python -m portcullis.audit verify PATH`` to check a log; it exits non-zero and names
+the first broken record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import Field, JsonValue, SecretStr, ValidationError, field_validator
+
+from portcullis.errors import PortcullisError, TransientError
+from portcullis.models import Frozen
+
+GENESIS_HASH = "0" * 64
+_EVENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def canonical_json(value: Mapping[str, Any]) -> bytes:
+    """The one serialisation hashes are computed over: sorted keys, no spaces, UTF-8."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def record_hash(fields: Mapping[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of a record's fields without ``hash``."""
+    body = {k: v for k, v in fields.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+class AuditEntry(Frozen):
+    """What to record: what happened, who did it, for which run, commit and image."""
+
+    event: str = Field(description="what happened, dotted lower case, e.g. 'approval.accepted'")
+    actor: str = Field(min_length=1, description="who: a verified approver, or 'portcullis'")
+    run_id: str | None = Field(default=None, description="which flow run")
+    app: str | None = None
+    environment: str | None = None
+    digest: str | None = Field(default=None, description="which image digest")
+    commit: str | None = Field(default=None, description="which source commit")
+    details: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("event")
+    @classmethod
+    def _event_name(cls, value: str) -> str:
+        if not _EVENT_RE.fullmatch(value):
+            raise ValueError(f"event name {value!r} must be dotted lower case, e.g. 'gate.passed'")
+        return value
+
+
+class AuditRecord(AuditEntry):
+    """One line of the log: an entry plus when, its position and the chain hashes."""
+
+    seq: int = Field(ge=0, description="position in the log, from 0")
+    at: datetime = Field(description="when, UTC")
+    prev_hash: str = Field(description="hash of the record before, zeros for the first")
+    hash: str = Field(description="SHA-256 of this record's canonical JSON without 'hash'")
+
+    def fields(self) -> dict[str, Any]:
+        """The record as the JSON-ready mapping that is hashed and written."""
+        return self.model_dump(mode="json")
+
+
+class AuditSink(ABC):
+    """Somewhere records are copied to after the local chain accepted them."""
+
+    @abstractmethod
+    def emit(self, record: AuditRecord) -> None:
+        """Deliver one record; raise :class:`TransientError` when it could not be delivered."""
+
+
+class HttpAuditSink(AuditSink):
+    """POSTs each record as JSON to a central store.
+
+    The store should keep records by ``(seq, hash)`` and ignore exact duplicates, so a retried
+    delivery is harmless. It also serves as the separately kept anchor.
+
+    Args:
+        url: endpoint that accepts one record per POST.
+        token: bearer token from deploy-side configuration.
+        timeout: seconds per request.
+    """
+
+    def __init__(self, url: str, token: SecretStr, timeout: float = 5.0) -> None:
+        self.url = url
+        self._token = token
+        self.timeout = timeout
+
+    def emit(self, record: AuditRecord) -> None:
+        """POST the record; a network error or non-2xx answer is a :class:`TransientError`."""
+        try:
+            response = httpx.post(
+                self.url,
+                content=canonical_json(record.fields()),
+                headers={
+                    "Authorization": f"Bearer {self._token.get_secret_value()}",
+                    "Content-Type": "application/json",
+                },
+                timeout=self.timeout,
+                follow_redirects=False,
+            )
+        except httpx.HTTPError as exc:
+            raise TransientError(
+                f"audit record {record.seq} was not delivered to {self.url}: {exc}",
+                hint="the local log has it; check the central audit store and retry",
+            ) from exc
+        if not response.is_success:
+            raise TransientError(
+                f"audit store {self.url} refused record {record.seq}: HTTP {response.status_code}",
+                hint="the local log has it; check the store's token and logs",
+            )
+
+
+class Anchor(Frozen):
+    """The separately kept head of the chain: how many records, and the last hash."""
+
+    count: int = Field(ge=0)
+    last_hash: str
+
+
+class VerifyReport(Frozen):
+    """Result of verifying a log."""
+
+    ok: bool
+    count: int = Field(description="records read")
+    first_broken: int | None = Field(default=None, description="index of the first bad record")
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+
+
+def default_anchor_path(path: Path) -> Path:
+    """Where the head anchor lives unless told otherwise: ``PATH.head``."""
+    return path.with_name(path.name + ".head")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing), for concurrent writers."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last line of the file without reading all of it; None for an empty file."""
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return None
+        pos = size
+        chunk = b""
+        while pos > 0:
+            step = min(4096, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step) + chunk
+            if chunk.count(b"\n") >= 2 or pos == 0:
+                break
+        if not chunk.endswith(b"\n"):
+            raise PortcullisError(
+                f"audit log {path} ends in an incomplete line (torn write or tampering)",
+                hint=f"run `python -m portcullis.audit verify {path}` and repair it by hand",
+            )
+        return chunk[:-1].rsplit(b"\n", 1)[-1]
+
+
+class AuditLog:
+    """The local append-only JSONL chain, with optional mirrors.
+
+    Args:
+        path: the JSONL file (created on first append, mode 0600).
+        mirrors: sinks every record is copied to after it is in the local chain.
+        anchor_path: where the head anchor is kept; defaults to ``PATH.head``.
+        clock: source of "now"; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        mirrors: Sequence[AuditSink] = (),
+        anchor_path: Path | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.path = path
+        self.mirrors = tuple(mirrors)
+        self.anchor_path = anchor_path or default_anchor_path(path)
+        self._clock = clock
+        self._lock_path = path.with_name(path.name + ".lock")
+
+    def append(self, entry: AuditEntry) -> AuditRecord:
+        """Chain ``entry`` to the last record, write it durably, then copy it to the mirrors.
+
+        Returns:
+            the record as written.
+
+        Raises:
+            PortcullisError: the log's last record is damaged (nothing is appended).
+            TransientError: a mirror did not take the record (the local log has it).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self._lock_path):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.close(fd)
+            last = _last_line(self.path)
+            if last is None:
+                seq, prev = 0, GENESIS_HASH
+            else:
+                try:
+                    previous = AuditRecord.model_validate_json(last)
+                except ValidationError:
+                    raise PortcullisError(
+                        f"the last record of audit log {self.path} is not a valid record",
+                        hint=f"run `python -m portcullis.audit verify {self.path}`",
+                    ) from None
+                seq, prev = previous.seq + 1, previous.hash
+            # Serialise through the model so the hashed JSON is exactly what parsing the
+            # line back produces (datetime formatting included).
+            draft = AuditRecord(
+                **entry.model_dump(),
+                seq=seq,
+                at=self._clock().astimezone(UTC),
+                prev_hash=prev,
+                hash=GENESIS_HASH,
+            )
+            body = draft.fields()
+            body["hash"] = record_hash(body)
+            record = AuditRecord.model_validate(body)
+            line = canonical_json(body) + b"\n"
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            anchor = Anchor(count=seq + 1, last_hash=body["hash"])
+            write_atomic(self.anchor_path, canonical_json(anchor.model_dump()) + b"\n")
+        for mirror in self.mirrors:
+            mirror.emit(record)
+        return record
+
+    def records(self) -> list[AuditRecord]:
+        """Every record, parsed (does not verify the chain: use :meth:`verify`)."""
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            return [AuditRecord.model_validate_json(line) for line in f if line.strip()]
+
+    def verify(self) -> VerifyReport:
+        """Verify the chain and the anchor; see :func:`verify_log`."""
+        return verify_log(self.path, self.anchor_path if self.anchor_path.exists() else None)
+
+
+def _check_line(index: int, raw: bytes, prev_hash: str) -> tuple[str | None, str]:
+    """Check one line; returns (reason it is broken or None, its hash)."""
+    if not raw.endswith(b"\n"):
+        return "the last line is incomplete (torn write or truncated inside a record)", ""
+    try:
+        fields = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "not valid JSON (the line was edited or damaged)", ""
+    if not isinstance(fields, dict):
+        return "not a JSON object", ""
+    stored = fields.get("hash")
+    if not isinstance(stored, str) or not _HASH_RE.fullmatch(stored):
+        return "has no valid 'hash' field", ""
+    if record_hash(fields) != stored:
+        return "its content does not match its hash: the record was edited", stored
+    try:
+        record = AuditRecord.model_validate(fields)
+    except ValidationError as exc:
+        return f"not a valid audit record: {exc.errors()[0]['msg']}", stored
+    if record.seq > index:
+        return (
+            f"it has sequence number {record.seq}: "
+            f"{record.seq - index} record(s) before it were deleted"
+        ), stored
+    if record.seq < index:
+        return (
+            f"it has sequence number {record.seq}: records were reordered or duplicated"
+        ), stored
+    if record.prev_hash != prev_hash:
+        return (
+            "it does not chain to the record before it: that record was replaced, "
+            "or records were deleted or reordered"
+        ), stored
+    return None, stored
+
+
+def verify_log(path: Path, anchor_path: Path | None = None) -> VerifyReport:
+    """Verify every record's hash, sequence and link, then the anchor if one is given.
+
+    Args:
+        path: the JSONL log.
+        anchor_path: the separately kept head; without it a cut-off tail cannot be detected.
+
+    Returns:
+        a report naming the first broken record (0-based index, = line number - 1).
+    """
+    prev = GENESIS_HASH
+    count = 0
+    with path.open("rb") as f:
+        for index, raw in enumerate(f):
+            reason, digest = _check_line(index, raw, prev)
+            if reason is not None:
+                return VerifyReport(ok=False, count=index, first_broken=index, reason=reason)
+            prev = digest
+            count = index + 1
+    if anchor_path is None:
+        return VerifyReport(
+            ok=True,
+            count=count,
+            warnings=("no anchor given: records cut off the end cannot be detected",),
+        )
+    try:
+        anchor = Anchor.model_validate_json(anchor_path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        return VerifyReport(
+            ok=False, count=count, first_broken=count, reason=f"anchor unreadable: {exc}"
+        )
+    if count < anchor.count:
+        return VerifyReport(
+            ok=False,
+            count=count,
+            first_broken=count,
+            reason=(
+                f"the log ends after {count} record(s) but the anchor says {anchor.count}: "
+                "records were cut off the end"
+            ),
+        )
+    if count > anchor.count:
+        return VerifyReport(
+            ok=False,
+            count=count,
+            first_broken=anchor.count,
+            reason=(
+                f"records from index {anchor.count} on are not covered by the anchor "
+                "(appended without the log's writer, or a crash between write and anchor)"
+            ),
+        )
+    if count and prev != anchor.last_hash:
+        return VerifyReport(
+            ok=False,
+            count=count,
+            first_broken=count - 1,
+            reason="the last record's hash differs from the anchor: the history was rewritten",
+        )
+    return VerifyReport(ok=True, count=count)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m portcullis.audit verify PATH [--anchor FILE | --no-anchor]``.
+
+    Returns:
+        0 when the chain is intact, 1 when it is broken, 2 when it cannot be read.
+    """
+    parser = argparse.ArgumentParser(prog="python -m portcullis.audit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="verify a tamper-evident audit log")
+    verify.add_argument("path", type=Path)
+    verify.add_argument("--anchor", type=Path, help="head anchor file (default: PATH.head)")
+    verify.add_argument(
+        "--no-anchor", action="store_true", help="skip the anchor (tail cuts go unnoticed)"
+    )
+    args = parser.parse_args(argv)
+    path: Path = args.path
+    anchor: Path | None = None
+    if not args.no_anchor:
+        anchor = args.anchor or default_anchor_path(path)
+        if not anchor.exists():
+            print(
+                f"error: anchor {anchor} not found; pass --anchor FILE, or --no-anchor "
+                "to accept that records cut off the end go unnoticed",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        report = verify_log(path, anchor)
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.ok:
+        print(f"OK: {report.count} record(s), chain intact")
+        return 0
+    print(
+        f"BROKEN: record {report.first_broken} (line {(report.first_broken or 0) + 1}) "
+        f"of {path}: {report.reason}"
+    )
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "GENESIS_HASH",
+    "Anchor",
+    "AuditEntry",
+    "AuditLog",
+    "AuditRecord",
+    "AuditSink",
+    "HttpAuditSink",
+    "VerifyReport",
+    "canonical_json",
+    "default_anchor_path",
+    "file_lock",
+    "record_hash",
+    "verify_log",
+    "write_atomic",
+]

@@ -1,0 +1,285 @@
+"""The approval gate inside a real Prefect flow run (temporary Prefect server).
+
+Given a flow that asks for prod approval, when another thread resumes the paused run through
+the Prefect client, then a bad code is refused and the form offered again with the reason,
+and two valid approvers from the two required groups let the flow continue. A rejection and
+a timeout stop it. Every decision lands in a verifiable audit chain.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pyotp
+import pytest
+from prefect import flow
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.objects import State
+from prefect.testing.utilities import prefect_test_harness
+
+from portcullis.approval import ApprovalPolicy, ApproverDirectory
+from portcullis.audit import AuditLog
+from portcullis.freeze import FreezePolicy, FreezeStatus, OneOffWindow, check_freeze
+from tasks.approval import request_approvals, subject_for_current_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+SECRETS = {name: pyotp.random_base32() for name in ("alice", "bob", "erin", "trent")}
+DIGEST = "sha256:" + "5e" * 32
+COMMIT = "d" * 40
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def approvers_file(tmp_path: Path) -> Path:
+    groups = {"alice": "security", "bob": "platform", "erin": "security", "trent": "platform"}
+    path = tmp_path / "approvers.toml"
+    path.write_text(
+        "".join(
+            f'[[approver]]\nname = "{name}"\ngroups = ["{groups[name]}"]\n'
+            f'aliases = ["{name}@example.com"]\ntotp_secret = "{secret}"\n\n'
+            for name, secret in SECRETS.items()
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def freeze_starting_at_call(first_frozen_call: int) -> Callable[[datetime], FreezeStatus]:
+    """A freeze check that reports a freeze from its n-th call on (0: never)."""
+    calls = [0]
+
+    def check(at: datetime) -> FreezeStatus:
+        calls[0] += 1
+        frozen = first_frozen_call and calls[0] >= first_frozen_call
+        start = at - timedelta(minutes=1) if frozen else at + timedelta(days=1)
+        window = OneOffWindow(
+            name="incident-freeze",
+            reason="major incident",
+            tz="UTC",
+            start=start,
+            end=start + timedelta(hours=2),
+        )
+        return check_freeze(FreezePolicy(environment="prod", windows=(window,)), at)
+
+    return check
+
+
+@flow(name="approval-gate-under-test", persist_result=False)
+def gate(
+    run_name: str, audit_path: str, approvers_path: str, timeout_s: int, frozen_from: int = 0
+) -> list[str]:
+    """Ask for prod approval the way the promotion flow does."""
+    policy = ApprovalPolicy(
+        environment="prod",
+        required_approvals=2,
+        required_groups=("security", "platform"),
+        wait_timer=timedelta(seconds=1),
+        timeout=timedelta(seconds=timeout_s),
+    )
+    subject = subject_for_current_run(
+        app="hello",
+        environment="prod",
+        digest=DIGEST,
+        commit=COMMIT,
+        author="Erin Example <erin@example.com>",
+        requested_by="trent",
+    )
+    outcome = request_approvals(
+        subject,
+        policy,
+        ApproverDirectory.load(Path(approvers_path)),
+        AuditLog(Path(audit_path)),
+        poll_interval=1,
+        freeze=freeze_starting_at_call(frozen_from),
+    )
+    return [a.approver for a in outcome.approvals]
+
+
+class Resumer:
+    """Plays the approvers from another thread, through the Prefect API only."""
+
+    def __init__(self, run_name: str) -> None:
+        self.run_name = run_name
+        self.descriptions: list[str] = []
+        self.error: BaseException | None = None
+
+    def _paused(self, client: SyncPrefectClient, seen: set[UUID]) -> tuple[UUID, dict[str, str]]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[self.run_name]))
+            )
+            for run in runs:
+                state = run.state
+                if (
+                    state is not None
+                    and state.is_paused()
+                    and state.id not in seen
+                    and state.state_details.run_input_keyset
+                ):
+                    keyset = state.state_details.run_input_keyset
+                    # The schema is saved after the state is set: resuming earlier would
+                    # skip the server's validation (see docs/platform.md).
+                    try:
+                        client.read_flow_run_input(run.id, keyset["schema"])
+                        description = client.read_flow_run_input(run.id, keyset["description"])
+                    except httpx.HTTPStatusError as exc:
+                        if exc.response.status_code != 404:
+                            raise
+                        break  # not saved yet: look again
+                    seen.add(state.id)
+                    self.descriptions.append(json.loads(description))
+                    return run.id, keyset
+            time.sleep(0.1)
+        raise TimeoutError(f"flow run {self.run_name} did not pause with a form")
+
+    def play(self, answers: list[Callable[[], dict[str, Any]]]) -> threading.Thread:
+        def run() -> None:
+            try:
+                seen: set[UUID] = set()
+                with get_client(sync_client=True) as client:
+                    for answer in answers:
+                        run_id, _ = self._paused(client, seen)
+                        result = client.resume_flow_run(run_id, run_input=answer())
+                        assert result.status.value == "ACCEPT", result.details
+            except Exception as exc:  # noqa: BLE001 - surfaced by the test thread
+                self.error = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+
+def form(name: str, decision: str = "approve", code: str | None = None) -> dict[str, Any]:
+    return {
+        "approver": name,
+        "code": code if code is not None else pyotp.TOTP(SECRETS[name]).now(),
+        "digest_prefix": DIGEST[7:19],
+        "decision": decision,
+        "comment": f"{decision} from the test",
+    }
+
+
+def wrong_code(name: str) -> str:
+    totp = pyotp.TOTP(SECRETS[name])
+    now = time.time()
+    valid = {totp.at(now + 30 * step) for step in (-2, -1, 0, 1, 2)}
+    return next(c for c in (f"{n:06d}" for n in range(10)) if c not in valid)
+
+
+def run_gate(
+    tmp_path: Path, approvers_file: Path, run_name: str, timeout_s: int = 60, frozen_from: int = 0
+) -> State[Any]:
+    state: State[Any] = gate.with_options(flow_run_name=run_name)(
+        run_name,
+        str(tmp_path / "audit.jsonl"),
+        str(approvers_file),
+        timeout_s,
+        frozen_from,
+        return_state=True,
+    )
+    return state
+
+
+def events(tmp_path: Path) -> list[tuple[str, str]]:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    report = log.verify()
+    assert report.ok, report.reason
+    return [(r.event, r.actor) for r in log.records()]
+
+
+def test_bad_code_is_refused_and_two_approvers_let_the_flow_continue(
+    prefect_server: None, tmp_path: Path, approvers_file: Path
+) -> None:
+    resumer = Resumer("gate-happy")
+    thread = resumer.play(
+        [
+            lambda: form("alice", code=wrong_code("alice")),
+            lambda: form("alice"),
+            lambda: form("erin"),  # the commit author: refused
+            lambda: form("bob"),
+        ]
+    )
+    state = run_gate(tmp_path, approvers_file, "gate-happy")
+    thread.join(30)
+    assert resumer.error is None, resumer.error
+    assert state.is_completed(), state.message
+    assert state.result() == ["alice", "bob"]
+
+    first, second, third, fourth = resumer.descriptions
+    assert "Approve hello → prod?" in first and DIGEST in first and COMMIT in first
+    assert "no change freeze for prod" in first
+    assert "Refused" in second and "wrong or expired" in second
+    assert "alice" in third and "1 more approval" in third
+    assert "wrote commit" in fourth
+    assert events(tmp_path) == [
+        ("approval.requested", "portcullis"),
+        ("approval.refused", "unverified"),
+        ("approval.accepted", "alice"),
+        ("approval.refused", "unverified"),
+        ("approval.accepted", "bob"),
+        ("approval.granted", "portcullis"),
+    ]
+
+
+def test_a_rejection_fails_the_flow(
+    prefect_server: None, tmp_path: Path, approvers_file: Path
+) -> None:
+    resumer = Resumer("gate-rejected")
+    thread = resumer.play([lambda: form("bob", decision="reject")])
+    state = run_gate(tmp_path, approvers_file, "gate-rejected")
+    thread.join(30)
+    assert resumer.error is None, resumer.error
+    assert state.is_failed()
+    assert "rejected by bob" in (state.message or "")
+    assert [e for e, _ in events(tmp_path)] == [
+        "approval.requested",
+        "approval.rejected",
+        "approval.stopped",
+    ]
+
+
+def test_a_freeze_that_starts_while_waiting_blocks_the_grant(
+    prefect_server: None, tmp_path: Path, approvers_file: Path
+) -> None:
+    resumer = Resumer("gate-frozen")
+    thread = resumer.play([lambda: form("alice"), lambda: form("bob")])
+    # Calls 1 and 2 render the two forms; call 3 is the check just before granting.
+    state = run_gate(tmp_path, approvers_file, "gate-frozen", frozen_from=3)
+    thread.join(30)
+    assert resumer.error is None, resumer.error
+    assert state.is_failed()
+    assert "incident-freeze" in (state.message or "")
+    assert [e for e, _ in events(tmp_path)] == [
+        "approval.requested",
+        "approval.accepted",
+        "approval.accepted",
+        "approval.frozen",
+    ]
+
+
+def test_nobody_answers_and_the_promotion_times_out(
+    prefect_server: None, tmp_path: Path, approvers_file: Path
+) -> None:
+    started = time.monotonic()
+    state = run_gate(tmp_path, approvers_file, "gate-timeout", timeout_s=3)
+    # Once a pause has expired the server fails the run with its own message ("... never
+    # resumed"); our reason is in the audit record and the run's log.
+    assert state.is_failed()
+    assert time.monotonic() - started < 30
+    assert [e for e, _ in events(tmp_path)] == ["approval.requested", "approval.timed_out"]

@@ -220,6 +220,9 @@ class DeployCredentials(_CredentialsBlock):
     sigstore_trusted_root: str | None = Field(
         default=None, description="Sigstore trusted_root.json content for keyless verification."
     )
+    change_calendar_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the environment's external change calendar."
+    )
 
     def evidence_verifier(self, client: RegistryClient) -> EvidenceVerifier:
         """Verifier over every trust anchor configured here (key pairs and/or identities)."""

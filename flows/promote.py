@@ -1,11 +1,14 @@
 """The promote flow: the promotion DAG as thin Prefect glue.
 
-    build ─┬─ sign + provenance ──────────────────────────┬─ verify ─ deploy
-           └─ export ─ SBOM ─┬─ attest SBOM               │
-                             └─ scan ─ attest scan ─ gate ┘
+    freeze? ─ build ─┬─ sign + provenance ───────────────────────────┬─ verify ─ freeze? ─ approval
+                     └─ export ─ SBOM ─┬─ attest SBOM                │      ─ [lock: freeze? ─ verify
+                                       └─ scan ─ attest scan ─ gate ─┘         ─ deploy] ─ record
 
-Each stage takes the previous stages' frozen results and returns its own. The environment's
-policy is loaded from the deploy side's policy directory by name; no parameter can weaken it.
+Environments with ``promote_from`` in their policy (staging, prod) never build: they take a
+digest that completed a promotion to the previous environment, and run the same gates on it.
+Each stage takes earlier stages' frozen results and returns its own. The environment's policy
+comes from the deploy side's policy directory by name; no parameter can weaken it. Every
+decision goes to the hash-chained audit log.
 """
 
 from __future__ import annotations
@@ -17,13 +20,19 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from portcullis.models import BuildResult, Deployment, Frozen
-from portcullis.policy import load_policy
+from blocks.credentials import DeployCredentials
+from portcullis.approval import ApprovalOutcome, ApprovalSettings
+from portcullis.chain import COMPLETED, passed_in
+from portcullis.errors import PolicyRefusal, PortcullisError
+from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
+from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict
 from portcullis.settings import Settings
 from portcullis.verification import CheckResult
+from tasks.approval import request_approvals, subject_for_current_run
 from tasks.build import build_image
 from tasks.deploy import deploy
+from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -51,36 +60,99 @@ class SupplyChainTimings(Frozen):
         return self.sign_seconds + self.sbom_tool_seconds + self.scan_tool_seconds + self.attest_seconds
 
 
+class BuiltEvidence(Frozen):
+    """What the build side produced for a new digest."""
+
+    build: BuildResult
+    scan: ScanVerdict
+    timings: SupplyChainTimings
+
+
 class PromotionResult(Frozen):
     """Everything a promotion decided."""
 
-    build: BuildResult
-    deployment: Deployment
+    app: str
+    environment: str
+    image: ImageRef
+    commit: str
+    built: BuiltEvidence | None
     verification: tuple[CheckResult, ...]
-    scan: ScanVerdict
-    timings: SupplyChainTimings
+    approved_by: tuple[str, ...]
+    deployment: Deployment
     policy_sha256: str
 
 
 def summary_markdown(result: PromotionResult) -> str:
     """The promotion summary shown as a Prefect artifact."""
-    build, deployment = result.build, result.deployment
+    deployment = result.deployment
     rows = [
-        ("app", build.app),
-        ("environment", deployment.environment),
-        ("image", f"`{build.image}`"),
-        ("commit", f"`{build.source.commit}` on `{build.source.ref}`"),
-        ("author", build.source.author),
-        ("scan", result.scan.summary),
+        ("app", result.app),
+        ("environment", result.environment),
+        ("image", f"`{result.image}`"),
+        ("commit", f"`{result.commit}`"),
         *[(f"verified: {c.check}", c.detail) for c in result.verification],
+        ("approved by", ", ".join(result.approved_by) or "no approval required"),
         ("running at", deployment.url),
         ("rollback target", f"`{deployment.previous_digest}`" if deployment.previous_digest else "none (first deploy)"),
         ("policy sha256", f"`{result.policy_sha256[:16]}`"),
-        ("supply chain", f"{result.timings.wall_seconds:.2f}s wall vs {result.timings.tools_sum:.2f}s of tool time"),
         ("deployed at", deployment.deployed_at.isoformat()),
     ]
+    if result.built is not None:
+        t = result.built.timings
+        rows.insert(4, ("scan", result.built.scan.summary))
+        rows.append(("supply chain", f"{t.wall_seconds:.2f}s wall vs {t.tools_sum:.2f}s of tool time"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# Promoted {build.app} to {deployment.environment}\n\n| | |\n|---|---|\n{table}\n"
+    return f"# Promoted {result.app} to {result.environment}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def build_with_evidence(
+    app: str, source_repo: str, commit: str, ref: str, context_path: str,
+    policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, block: str | None,
+) -> BuiltEvidence:
+    """Build, then sign + provenance in parallel with SBOM -> scan; attest everything."""
+    build = build_image(app, source_repo, commit, ref, context_path, block)
+    audit.digest, audit.commit = build.image.digest, build.source.commit
+    audit.record("build.completed", image=str(build.image), ref=build.source.ref,
+                 author=build.source.author, source=build.source.repo_url)
+
+    started = time.monotonic()
+    work = settings.scratch / build.image.digest.removeprefix("sha256:")[:16]
+    sbom_path = work / "sbom.cdx.json"
+    signed = sign_image_and_provenance.submit(build, block, flow_run.get_flow_run_ui_url())
+    archive = export_image_archive.submit(build, work, block)
+    sbom = generate_sbom_task.submit(build.image, archive, sbom_path, settings.trivy_cache)
+    sbom_attested = attest_sbom.submit(build.image, sbom, block)
+    scanned = scan_task.submit(build.image, sbom_path, settings.trivy_cache, policy.scan,
+                               wait_for=[sbom])
+    scan_attested = attest_scan.submit(build.image, scanned, block)
+    signature, provenance = signed.result()
+    audit.record("signature.created", signature=signature.location, provenance=provenance.location)
+    outcome = scanned.result()
+    sbom_att, scan_att = sbom_attested.result(), scan_attested.result()
+    audit.record("scan.verdict", passed=outcome.verdict.passed, summary=outcome.verdict.summary,
+                 attestation=scan_att.location, sbom=sbom_att.location)
+    timings = SupplyChainTimings(
+        wall_seconds=time.monotonic() - started,
+        sign_seconds=signature.seconds + provenance.seconds,
+        sbom_tool_seconds=sbom.result().tool_seconds,
+        scan_tool_seconds=outcome.report.tool_seconds,
+        attest_seconds=sbom_att.seconds + scan_att.seconds,
+    )
+    # The failing verdict is already signed and attached: the refusal itself is evidence.
+    outcome.verdict.require_pass()
+    return BuiltEvidence(build=build, scan=outcome.verdict, timings=timings)
+
+
+def _verify(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudit, block: str | None,
+            stage: str) -> list[CheckResult]:
+    try:
+        checks = verify_evidence(image, policy, block)
+    except PortcullisError as exc:
+        audit.record("verification.refused", stage=stage, reason=str(exc))
+        raise
+    audit.record("verification.passed", stage=stage,
+                 checks={c.check: c.detail for c in checks})
+    return checks
 
 
 @flow(name="promote", log_prints=True)
@@ -91,62 +163,103 @@ def promote(
     commit: str = "HEAD",
     ref: str = "main",
     context_path: str = "examples/hello",
+    image: str | None = None,
+    requested_by: str = "unknown",
     build_credentials_block: str | None = None,
     deploy_credentials_block: str | None = None,
 ) -> PromotionResult:
-    """Promote ``app`` at ``commit`` to ``environment`` through every gate.
+    """Promote ``app`` to ``environment`` through every gate.
 
     Args:
         app: application name (also the registry repository name).
         environment: dev, staging or prod; selects the policy file, nothing else.
-        source_repo: git repository with the app's source.
+        source_repo: git repository with the app's source (building environments only).
         commit: commit-ish to build; pinned to a full id before anything else.
         ref: branch the commit must be on.
         context_path: directory holding the Dockerfile.
+        image: for environments that promote (staging, prod): the digest-pinned image that
+            passed the previous environment. Building environments refuse it.
+        requested_by: who asked for the promotion; they can never approve it.
         build_credentials_block: saved build credentials; None reads PORTCULLIS_BUILD_*.
         deploy_credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
 
     Returns:
-        The build, what was verified, where it runs and the rollback target.
+        What was built or promoted, what was verified, who approved, where it runs.
     """
     settings = Settings()
     policy = load_policy(environment, settings.policy_dir)
-    build = build_image(app, source_repo, commit, ref, context_path, build_credentials_block)
+    audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
+    audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
+                 image=image, commit=commit if image is None else None)
+    try:
+        return _promote(app, environment, source_repo, commit, ref, context_path, image,
+                        requested_by, build_credentials_block, deploy_credentials_block,
+                        settings, policy, audit)
+    except PortcullisError as exc:
+        audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
+        raise
 
-    started = time.monotonic()
-    work = settings.scratch / build.image.digest.removeprefix("sha256:")[:16]
-    sbom_path = work / "sbom.cdx.json"
-    run_url = flow_run.get_flow_run_ui_url()
-    signed = sign_image_and_provenance.submit(build, build_credentials_block, run_url)
-    archive = export_image_archive.submit(build, work, build_credentials_block)
-    sbom = generate_sbom_task.submit(build.image, archive, sbom_path, settings.trivy_cache)
-    sbom_attested = attest_sbom.submit(build.image, sbom, build_credentials_block)
-    scanned = scan_task.submit(build.image, sbom_path, settings.trivy_cache, policy.scan,
-                               wait_for=[sbom])
-    scan_attested = attest_scan.submit(build.image, scanned, build_credentials_block)
-    signature, provenance = signed.result()
-    outcome = scanned.result()
-    sbom_att, scan_att = sbom_attested.result(), scan_attested.result()
-    timings = SupplyChainTimings(
-        wall_seconds=time.monotonic() - started,
-        sign_seconds=signature.seconds + provenance.seconds,
-        sbom_tool_seconds=sbom.result().tool_seconds,
-        scan_tool_seconds=outcome.report.tool_seconds,
-        attest_seconds=sbom_att.seconds + scan_att.seconds,
-    )
-    # The failing verdict is already signed and attached: the refusal itself is evidence.
-    outcome.verdict.require_pass()
 
-    checks = verify_evidence(build.image, policy, deploy_credentials_block)
-    deployment = deploy(build.image, app, environment, build.source.commit, deploy_credentials_block)
+def _promote(
+    app: str, environment: str, source_repo: str, commit: str, ref: str, context_path: str,
+    image_ref: str | None, requested_by: str, build_block: str | None, deploy_block: str | None,
+    settings: Settings, policy: EnvironmentPolicy, audit: RunAudit,
+) -> PromotionResult:
+    deploy_creds = DeployCredentials.resolve(deploy_block)
+    frozen = freeze_checker(policy, deploy_creds)
+    freeze_gate("run-start", frozen, audit)
+
+    built: BuiltEvidence | None = None
+    if policy.promote_from is None:
+        if image_ref is not None:
+            raise PolicyRefusal(f"{environment} builds from source; it does not take an image parameter")
+        built = build_with_evidence(app, source_repo, commit, ref, context_path, policy,
+                                    settings, audit, build_block)
+        image = built.build.image
+    else:
+        if image_ref is None:
+            raise PolicyRefusal(
+                f"{environment} never rebuilds: pass the digest that passed {policy.promote_from}",
+            )
+        image = ImageRef.parse(image_ref)
+        audit.digest = image.digest
+        passed = passed_in(audit.log, image.digest, policy.promote_from)
+        audit.record("chain.checked", passed_in=policy.promote_from, record=passed.seq)
+
+    checks = _verify(image, policy, audit, deploy_block, "after-build")
+    provenance = next(c.facts for c in checks if c.check == "provenance")
+    audit.commit = provenance["commit"]
+
+    approved_by: tuple[str, ...] = ()
+    if policy.approval is not None:
+        freeze_gate("before-approval", frozen, audit)
+        subject = subject_for_current_run(
+            app=app, environment=environment, digest=image.digest, commit=provenance["commit"],
+            author=provenance["author"], requested_by=requested_by,
+        )
+        outcome: ApprovalOutcome = request_approvals(
+            subject, policy.approval, ApprovalSettings().load_directory(), audit.log,
+            freeze=frozen, poll_interval=int(settings.approval_poll_seconds),
+        )
+        approved_by = tuple(a.approver for a in outcome.approvals)
+
+    with environment_lock(environment, audit):
+        # Re-check after the lock: time passed while waiting for approvals and the slot.
+        freeze_gate("before-traffic", frozen, audit)
+        checks = _verify(image, policy, audit, deploy_block, "after-lock")
+        deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
+                            approved_by=",".join(approved_by))
+        audit.record(COMPLETED, url=deployment.url, container=deployment.container_name,
+                     previous_digest=deployment.previous_digest, approved_by=list(approved_by))
+
     result = PromotionResult(
-        build=build, deployment=deployment, verification=tuple(checks), scan=outcome.verdict,
-        timings=timings, policy_sha256=policy.policy_sha256,
+        app=app, environment=environment, image=image, commit=provenance["commit"],
+        built=built, verification=tuple(checks), approved_by=approved_by,
+        deployment=deployment, policy_sha256=policy.policy_sha256,
     )
     create_markdown_artifact(
-        markdown=summary_markdown(result),
-        key=f"promotion-{app}-{environment}",
-        description=f"{app} {build.image.digest[:19]} promoted to {environment}",
+        markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
+        description=f"{app} {image.digest[:19]} promoted to {environment}",
     )
-    print(f"{app} {build.image} runs in {environment} at {deployment.url}")
+    print(f"{app} {image} runs in {environment} at {deployment.url}")
     return result

@@ -33,13 +33,14 @@ def _demo(args: argparse.Namespace) -> int:
     answer = httpx.get(deployment.url + "cgi-bin/hello", timeout=5)
     print(f"\n{args.app} is running in {args.environment}: {deployment.url}")
     print(f"  image   {deployment.image}")
-    print(f"  scan    {result.scan.summary}")
     for check in result.verification:
         print(f"  verified {check.check}: {check.detail}")
-    t = result.timings
-    print(f"  supply chain {t.wall_seconds:.2f}s wall; tools: sign {t.sign_seconds:.2f}s, "
-          f"sbom {t.sbom_tool_seconds:.2f}s, scan {t.scan_tool_seconds:.2f}s, "
-          f"attest {t.attest_seconds:.2f}s (sum {t.tools_sum:.2f}s)")
+    if result.built is not None:
+        t = result.built.timings
+        print(f"  scan    {result.built.scan.summary}")
+        print(f"  supply chain {t.wall_seconds:.2f}s wall; tools: sign {t.sign_seconds:.2f}s, "
+              f"sbom {t.sbom_tool_seconds:.2f}s, scan {t.scan_tool_seconds:.2f}s, "
+              f"attest {t.attest_seconds:.2f}s (sum {t.tools_sum:.2f}s)")
     print(f"  answer  {answer.status_code} {answer.text.strip()}")
     return 0
 

@@ -43,6 +43,7 @@ def slsa_provenance(build: BuildResult, *, flow_run_url: str | None = None) -> d
                     "ref": f"refs/heads/{build.source.ref}",
                     "commit": build.source.commit,
                     "path": build.source.context_path,
+                    "author": build.source.author,
                 },
                 "app": build.app,
             },

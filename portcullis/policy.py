@@ -16,9 +16,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
+from portcullis.approval import ApprovalPolicy
 from portcullis.errors import ConfigurationError
+from portcullis.freeze import FreezePolicy
 from portcullis.models import Frozen
 from portcullis.scan import ScanPolicy
 
@@ -38,7 +40,34 @@ class EnvironmentPolicy(Frozen):
         default=None,
         description="the environment a digest must have passed first (None: builds here)",
     )
+    freeze: FreezePolicy
+    approval: ApprovalPolicy | None = Field(
+        default=None, description="human approval rules; None only where no person must approve"
+    )
+    change_calendar_url: str | None = Field(
+        default=None, description="external change calendar (token in the deploy credentials)"
+    )
     policy_sha256: str = Field(default="", description="SHA-256 of the file this came from")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_sub_policies(cls, data: Any) -> Any:
+        # Sub-policies carry their environment's name; fill it in so a file states it once.
+        if isinstance(data, dict) and "environment" in data:
+            for key in ("freeze", "approval"):
+                if isinstance(data.get(key), dict):
+                    data[key] = {"environment": data["environment"], **data[key]}
+            data.setdefault("freeze", {"environment": data["environment"]})
+        return data
+
+    @model_validator(mode="after")
+    def _prod_needs_people(self) -> EnvironmentPolicy:
+        if self.environment == "prod" and (self.approval is None or self.approval.required_approvals < 2):
+            raise ValueError("prod must require at least two approvals")
+        for sub in (self.freeze, self.approval):
+            if sub is not None and sub.environment != self.environment:
+                raise ValueError(f"a sub-policy names environment {sub.environment!r}")
+        return self
 
     def repository_allowed(self, repo_url: str) -> bool:
         """True when ``repo_url`` matches one of the allowed repository patterns."""

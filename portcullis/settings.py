@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         default=None, description="the local audit log (default: <home>/audit/audit.jsonl)"
     )
 
+    approval_poll_seconds: float = Field(
+        default=10, description="how often a paused approval checks for a resume (UI latency)"
+    )
+
     @property
     def trivy_cache(self) -> Path:
         """The trivy cache directory."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
+from pydantic import Field
+
 from portcullis.attestations import BUILDER_ID, CYCLONEDX_BOM, SLSA_PROVENANCE_V1
 from portcullis.errors import VerificationFailed
 from portcullis.evidence import EvidenceVerifier, VerifiedEvidence
@@ -22,6 +24,7 @@ class CheckResult(Frozen):
 
     check: str
     detail: str
+    facts: dict[str, str] = Field(default_factory=dict, description="structured findings")
 
 
 class Check(Protocol):
@@ -89,9 +92,11 @@ class ProvenanceCheck:
                     f"{', '.join(self.allowed_branches)}"
                 )
             else:
-                commit = source.get("commit", "")
-                return [CheckResult(check=self.name,
-                                    detail=f"{repo} {ref} @ {str(commit)[:12]}, {found.signer}")]
+                commit = str(source.get("commit", ""))
+                facts = {"repository": str(repo), "ref": ref, "commit": commit,
+                         "author": str(source.get("author", "")), "signer": found.signer}
+                return [CheckResult(check=self.name, facts=facts,
+                                    detail=f"{repo} {ref} @ {commit[:12]}, {found.signer}")]
         raise VerificationFailed(self.name, image.digest, "; ".join(reasons))
 
 

@@ -42,11 +42,11 @@ def test_good_version_passes_every_gate_then_bad_versions_are_refused(
 ) -> None:
     result = _promote(app_repo, app_name)
     assert [c.check for c in result.verification] == ["signature", "provenance", "sbom", "scan"]
-    assert result.scan.passed
-    assert result.deployment.image.digest == result.build.image.digest
+    assert result.built is not None and result.built.scan.passed
+    assert result.deployment.image.digest == result.built.build.image.digest == result.image.digest
     url = result.deployment.url
     assert httpx.get(url + "cgi-bin/hello", timeout=5).status_code == 200
-    assert result.timings.wall_seconds > 0 and result.timings.tools_sum > 0
+    assert result.built.timings.wall_seconds > 0 and result.built.timings.tools_sum > 0
 
     # A commit that bundles a vulnerable widget library: the scan gate refuses it.
     _vendor(app_repo, "1.1.0")
@@ -62,7 +62,7 @@ def test_good_version_passes_every_gate_then_bad_versions_are_refused(
         _promote(app_repo, app_name)
 
     containers = docker_client.containers.list(all=True, filters={"label": f"{LABEL_APP}={app_name}"})
-    assert [c.labels["dev.portcullis.digest"] for c in containers] == [result.build.image.digest]
+    assert [c.labels["dev.portcullis.digest"] for c in containers] == [result.image.digest]
     assert httpx.get(url + "cgi-bin/hello", timeout=5).status_code == 200
 
 
@@ -70,6 +70,6 @@ def test_no_flow_parameter_can_carry_or_weaken_a_policy() -> None:
     params = set(inspect.signature(promote.fn).parameters)
     assert not {p for p in params if "policy" in p or "scan" in p or "branch" in p or "skip" in p}
     assert params == {
-        "app", "environment", "source_repo", "commit", "ref", "context_path",
-        "build_credentials_block", "deploy_credentials_block",
+        "app", "environment", "source_repo", "commit", "ref", "context_path", "image",
+        "requested_by", "build_credentials_block", "deploy_credentials_block",
     }

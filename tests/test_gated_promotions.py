@@ -1,0 +1,178 @@
+"""Gates in the promote flow, on a real Prefect server, Docker engine, registry and trivy.
+
+Given the example app built in dev, when it is promoted to staging and prod, then each
+environment's policy is enforced: prod waits for two verified approvals from different groups,
+refuses a forged code and the commit author's self-approval, and leaves an audit log whose
+verify command passes and fails after one changed byte. Staging refuses a digest that never
+passed dev; a freeze window refuses the run with its name, reason and end; two promotions
+racing for one environment deploy one at a time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+from flows.promote import PromotionResult, promote
+from portcullis.audit import AuditLog
+from portcullis.errors import PolicyRefusal
+from tests.conftest import AppRepo, PipelineEnv
+from tests.support.approval_driver import Resumer
+
+pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
+              pytest.mark.timeout(600)]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {name: pyotp.random_base32() for name in ("alice", "bob", "carol", "ada")}
+GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "ada": "platform"}
+NO_FREEZE = '[freeze]\ncalendar = "off"\n'
+
+
+def _policies(directory: Path, prod_freeze: str = NO_FREEZE) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dev.toml").write_text((REPO_ROOT / "policies" / "dev.toml").read_text())
+    base = ('allowed_branches = ["main"]\nallowed_repositories = ["file://*"]\n'
+            '[scan]\nthreshold = "HIGH"\n')
+    (directory / "staging.toml").write_text(
+        'environment = "staging"\npromote_from = "dev"\n' + base +
+        '[approval]\nrequired_approvals = 1\ntimeout = "PT5M"\n' + NO_FREEZE)
+    (directory / "prod.toml").write_text(
+        'environment = "prod"\npromote_from = "staging"\n' + base +
+        '[approval]\nrequired_approvals = 2\nrequired_groups = ["security", "platform"]\n'
+        'timeout = "PT5M"\n' + prod_freeze)
+
+
+@pytest.fixture()
+def gated(pipeline_env: PipelineEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Policies with approvals, an approvers file (0600) and a fast approval poll."""
+    policy_dir = tmp_path / "policies"
+    _policies(policy_dir)
+    approvers = tmp_path / "deploy-side" / "approvers.toml"
+    approvers.parent.mkdir(mode=0o700)
+    approvers.write_text("".join(
+        f'[[approver]]\nname = "{n}"\ngroups = ["{GROUPS[n]}"]\naliases = ["{n}@example.com"]\n'
+        f'totp_secret = "{s}"\n\n' for n, s in SECRETS.items()))
+    approvers.chmod(0o600)
+    monkeypatch.setenv("PORTCULLIS_POLICY_DIR", str(policy_dir))
+    monkeypatch.setenv("PORTCULLIS_APPROVERS_FILE", str(approvers))
+    monkeypatch.setenv("PORTCULLIS_APPROVAL_POLL_SECONDS", "1")
+    return policy_dir
+
+
+def form(name: str, digest: str, code: str | None = None) -> dict[str, Any]:
+    return {"approver": name, "code": code or pyotp.TOTP(SECRETS[name]).now(),
+            "digest_prefix": digest[7:19], "decision": "approve", "comment": "looks good"}
+
+
+def _run(name: str, **params: Any) -> PromotionResult:
+    return promote.with_options(flow_run_name=name)(**params)  # type: ignore[no-any-return]
+
+
+def test_dev_to_staging_to_prod_with_two_verified_approvals(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv, app_repo: AppRepo,
+    app_name: str,
+) -> None:
+    # Ada wrote the commit (the app_repo author is "Ada Author <ada@example.com>").
+    dev = _run(f"{app_name}-dev", app=app_name, environment="dev", source_repo=str(app_repo.path),
+               commit="HEAD", ref="main", context_path=".", requested_by="trent")
+    image = str(dev.image)
+
+    staging_resumer = Resumer(f"{app_name}-staging")
+    t1 = staging_resumer.play([lambda: form("carol", dev.image.digest)])
+    staging = _run(f"{app_name}-staging", app=app_name, environment="staging", image=image,
+                   requested_by="trent")
+    t1.join(30)
+    assert staging_resumer.error is None, staging_resumer.error
+    assert staging.approved_by == ("carol",)
+    assert staging.built is None  # staging never rebuilds
+
+    forged = "000000" if pyotp.TOTP(SECRETS["alice"]).now() != "000000" else "111111"
+    prod_resumer = Resumer(f"{app_name}-prod")
+    t2 = prod_resumer.play([
+        lambda: form("alice", dev.image.digest, code=forged),   # forged code: refused
+        lambda: form("ada", dev.image.digest),                  # the commit author: refused
+        lambda: form("alice", dev.image.digest),                # security
+        lambda: form("bob", dev.image.digest),                  # platform
+    ])
+    prod = _run(f"{app_name}-prod", app=app_name, environment="prod", image=image,
+                requested_by="trent")
+    t2.join(30)
+    assert prod_resumer.error is None, prod_resumer.error
+    assert prod.approved_by == ("alice", "bob")
+    assert "Refused" in prod_resumer.descriptions[1]
+    assert "wrote commit" in prod_resumer.descriptions[2] or "author" in prod_resumer.descriptions[2]
+
+    log = pipeline_env.home / "audit" / "audit.jsonl"
+    records = AuditLog(log).records()
+    prod_events = [(r.event, r.actor) for r in records if r.environment == "prod"]
+    assert ("promotion.completed", "portcullis") in prod_events
+    assert [e for e in prod_events if e[0] == "approval.accepted"] == [
+        ("approval.accepted", "alice"), ("approval.accepted", "bob")]
+    assert all(r.run_id and r.at for r in records)
+
+    verify = [sys.executable, "-m", "portcullis.audit", "verify", str(log)]
+    assert subprocess.run(verify, capture_output=True).returncode == 0
+    raw = bytearray(log.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one changed byte in the middle of the log
+    log.write_bytes(bytes(raw))
+    broken = subprocess.run(verify, capture_output=True, text=True)
+    assert broken.returncode == 1 and "BROKEN" in broken.stdout + broken.stderr
+
+
+def test_staging_refuses_a_digest_that_never_passed_dev(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv,
+) -> None:
+    ghost = "127.0.0.1:1/portcullis/ghost@sha256:" + "ab" * 32
+    with pytest.raises(PolicyRefusal, match="never passed dev"):
+        _run("ghost-staging", app="ghost", environment="staging", image=ghost)
+
+
+def test_a_freeze_window_refuses_the_run_with_its_name_reason_and_end(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv,
+) -> None:
+    _policies(gated, prod_freeze=(
+        '[freeze]\ncalendar = "off"\n[[freeze.windows]]\nkind = "once"\nname = "launch-week"\n'
+        'reason = "marketing launch"\ntz = "America/New_York"\n'
+        'start = "2020-01-01T00:00:00"\nend = "2099-01-01T00:00:00"\n'))
+    with pytest.raises(PolicyRefusal) as err:
+        _run("frozen-prod", app="hello", environment="prod",
+             image="127.0.0.1:1/portcullis/hello@sha256:" + "cd" * 32)
+    message = str(err.value)
+    assert "launch-week" in message and "marketing launch" in message and "2099" in message
+
+
+def test_two_promotions_racing_for_one_environment_deploy_one_at_a_time(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv, app_repo: AppRepo,
+    app_name: str,
+) -> None:
+    results: list[Any] = []
+
+    def go(i: int) -> None:
+        try:
+            results.append(_run(f"{app_name}-race-{i}", app=app_name, environment="dev",
+                                source_repo=str(app_repo.path), commit="HEAD", ref="main",
+                                context_path="."))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)
+    for t in threads:
+        t.join(300)
+    assert all(isinstance(r, PromotionResult) for r in results), results
+    lock_events = [(r.event, r.run_id) for r in AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+                   if r.event.startswith("lock.")]
+    assert len(lock_events) == 4
+    # Acquire/release pairs never interleave: the second run waited for the first to finish.
+    assert lock_events[0][0] == "lock.acquired" and lock_events[1] == ("lock.released", lock_events[0][1])
+    assert lock_events[2][0] == "lock.acquired" and lock_events[3] == ("lock.released", lock_events[2][1])
+    assert lock_events[0][1] != lock_events[2][1]

@@ -9,7 +9,7 @@ a timeout stop it. Every decision lands in a verifiable audit chain.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ import pyotp
 import pytest
 from prefect import flow
 from prefect.client.schemas.objects import State
-from prefect.testing.utilities import prefect_test_harness
 
 from portcullis.approval import ApprovalPolicy, ApproverDirectory
 from portcullis.audit import AuditLog
@@ -33,10 +32,9 @@ DIGEST = "sha256:" + "5e" * 32
 COMMIT = "d" * 40
 
 
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+@pytest.fixture()
+def prefect_server(prefect_harness: None) -> None:
+    """The session's temporary Prefect server (see conftest)."""
 
 
 @pytest.fixture

@@ -14,11 +14,15 @@ decision goes to the hash-chained audit log.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
 from portcullis.approval import ApprovalOutcome, ApprovalSettings
@@ -26,7 +30,7 @@ from portcullis.chain import COMPLETED, passed_in
 from portcullis.errors import PolicyRefusal, PortcullisError
 from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
 from portcullis.policy import EnvironmentPolicy, load_policy
-from portcullis.scan import ScanVerdict
+from portcullis.scan import ScanVerdict, Severity
 from portcullis.settings import Settings
 from portcullis.verification import CheckResult
 from tasks.approval import request_approvals, subject_for_current_run
@@ -155,6 +159,134 @@ def _verify(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudit, block: 
     return checks
 
 
+class Emergency(Frozen):
+    """Why the emergency path is taken: a verified, open incident."""
+
+    ticket: str
+    justification: str
+    incident_summary: str
+
+
+def emergency_policy(policy: EnvironmentPolicy) -> EnvironmentPolicy:
+    """The policy the emergency path runs under: the shorter approval rule and a CRITICAL-only
+    scan gate. Signature, provenance and SBOM checks are unchanged; freeze windows are
+    bypassed by :func:`deploy_side`, with the ticket in the audit trail.
+    """
+    if policy.emergency_approval is None:
+        raise PolicyRefusal(f"{policy.environment} has no emergency path in its policy")
+    scan = policy.scan
+    if scan.threshold.rank < Severity.CRITICAL.rank:
+        # A HIGH finding may ride along with a hotfix; a CRITICAL one never does.
+        scan = scan.model_copy(update={"threshold": Severity.CRITICAL})
+    return policy.model_copy(update={"approval": policy.emergency_approval, "scan": scan})
+
+
+def deploy_side(
+    app: str,
+    environment: str,
+    image: ImageRef,
+    built: BuiltEvidence | None,
+    requested_by: str,
+    deploy_block: str | None,
+    settings: Settings,
+    policy: EnvironmentPolicy,
+    audit: RunAudit,
+    *,
+    emergency: Emergency | None = None,
+) -> PromotionResult:
+    """Everything after the build, on the deploy side: verify, freeze, approve, lock, deploy.
+
+    Loads only deploy credentials. With ``emergency`` the freeze windows are recorded as
+    bypassed instead of enforced; every other gate runs.
+    """
+    audit.digest = image.digest
+    deploy_creds = DeployCredentials.resolve(deploy_block)
+    frozen = freeze_checker(policy, deploy_creds)
+
+    def freeze(stage: str) -> None:
+        if emergency is None:
+            freeze_gate(stage, frozen, audit)
+            return
+        status = frozen(datetime.now(UTC))
+        audit.record("freeze.bypassed", stage=stage, ticket=emergency.ticket,
+                     frozen=status.frozen, summary=status.summary())
+
+    checks = _verify(image, policy, audit, deploy_block, "before-approval")
+    provenance = next(c.facts for c in checks if c.check == "provenance")
+    audit.commit = provenance["commit"]
+
+    approved_by: tuple[str, ...] = ()
+    if policy.approval is not None:
+        freeze("before-approval")
+        subject = subject_for_current_run(
+            app=app, environment=environment, digest=image.digest, commit=provenance["commit"],
+            author=provenance["author"], requested_by=requested_by,
+        )
+        outcome: ApprovalOutcome = request_approvals(
+            subject, policy.approval, ApprovalSettings().load_directory(), audit.log,
+            freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
+        )
+        approved_by = tuple(a.approver for a in outcome.approvals)
+
+    with environment_lock(environment, audit):
+        # Re-check after the lock: time passed while waiting for approvals and the slot.
+        freeze("before-traffic")
+        checks = _verify(image, policy, audit, deploy_block, "after-lock")
+        deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
+                            approved_by=",".join(approved_by))
+        audit.record(COMPLETED, image=str(image), url=deployment.url,
+                     container=deployment.container_name,
+                     previous_digest=deployment.previous_digest, approved_by=list(approved_by),
+                     ticket=emergency.ticket if emergency else None)
+
+    result = PromotionResult(
+        app=app, environment=environment, image=image, commit=provenance["commit"],
+        built=built, verification=tuple(checks), approved_by=approved_by,
+        deployment=deployment, policy_sha256=policy.policy_sha256,
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
+        description=f"{app} {image.digest[:19]} promoted to {environment}",
+    )
+    print(f"{app} {image} runs in {environment} at {deployment.url}")
+    return result
+
+
+def start_run(app: str, environment: str, requested_by: str, **details: JsonValue) -> tuple[Settings, EnvironmentPolicy, RunAudit]:
+    """Load settings and the environment's policy, open the audit trail, record the start."""
+    settings = Settings()
+    policy = load_policy(environment, settings.policy_dir)
+    audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
+    audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
+                 **details)
+    return settings, policy, audit
+
+
+@contextmanager
+def refusals_recorded(audit: RunAudit) -> Iterator[None]:
+    """Every refusal, whatever stage raised it, ends up in the audit trail."""
+    try:
+        yield
+    except PortcullisError as exc:
+        audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
+        raise
+
+
+def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit) -> ImageRef:
+    """For a promoting environment: the digest, which must have passed the one before."""
+    if policy.promote_from is None:
+        raise PolicyRefusal(f"{policy.environment} builds from source; it does not take an image")
+    if image_ref is None:
+        raise PolicyRefusal(
+            f"{policy.environment} never rebuilds: pass the digest that passed {policy.promote_from}",
+        )
+    image = ImageRef.parse(image_ref)
+    audit.digest = image.digest
+    passed = passed_in(audit.log, image.digest, policy.promote_from)
+    audit.record("chain.checked", passed_in=policy.promote_from, record=passed.seq)
+    return image
+
+
 @flow(name="promote", log_prints=True)
 def promote(
     app: str = "hello",
@@ -168,7 +300,10 @@ def promote(
     build_credentials_block: str | None = None,
     deploy_credentials_block: str | None = None,
 ) -> PromotionResult:
-    """Promote ``app`` to ``environment`` through every gate.
+    """Promote ``app`` to ``environment`` through every gate, both sides in this process.
+
+    This is the local stack's flow (one machine holds both credential sets). The deployments
+    in ``deployments.yaml`` split the same stages across a build and a deploy work pool.
 
     Args:
         app: application name (also the registry repository name).
@@ -186,80 +321,18 @@ def promote(
     Returns:
         What was built or promoted, what was verified, who approved, where it runs.
     """
-    settings = Settings()
-    policy = load_policy(environment, settings.policy_dir)
-    audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
-    audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
-                 image=image, commit=commit if image is None else None)
-    try:
-        return _promote(app, environment, source_repo, commit, ref, context_path, image,
-                        requested_by, build_credentials_block, deploy_credentials_block,
-                        settings, policy, audit)
-    except PortcullisError as exc:
-        audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
-        raise
-
-
-def _promote(
-    app: str, environment: str, source_repo: str, commit: str, ref: str, context_path: str,
-    image_ref: str | None, requested_by: str, build_block: str | None, deploy_block: str | None,
-    settings: Settings, policy: EnvironmentPolicy, audit: RunAudit,
-) -> PromotionResult:
-    deploy_creds = DeployCredentials.resolve(deploy_block)
-    frozen = freeze_checker(policy, deploy_creds)
-    freeze_gate("run-start", frozen, audit)
-
-    built: BuiltEvidence | None = None
-    if policy.promote_from is None:
-        if image_ref is not None:
-            raise PolicyRefusal(f"{environment} builds from source; it does not take an image parameter")
-        built = build_with_evidence(app, source_repo, commit, ref, context_path, policy,
-                                    settings, audit, build_block)
-        image = built.build.image
-    else:
-        if image_ref is None:
-            raise PolicyRefusal(
-                f"{environment} never rebuilds: pass the digest that passed {policy.promote_from}",
-            )
-        image = ImageRef.parse(image_ref)
-        audit.digest = image.digest
-        passed = passed_in(audit.log, image.digest, policy.promote_from)
-        audit.record("chain.checked", passed_in=policy.promote_from, record=passed.seq)
-
-    checks = _verify(image, policy, audit, deploy_block, "after-build")
-    provenance = next(c.facts for c in checks if c.check == "provenance")
-    audit.commit = provenance["commit"]
-
-    approved_by: tuple[str, ...] = ()
-    if policy.approval is not None:
-        freeze_gate("before-approval", frozen, audit)
-        subject = subject_for_current_run(
-            app=app, environment=environment, digest=image.digest, commit=provenance["commit"],
-            author=provenance["author"], requested_by=requested_by,
-        )
-        outcome: ApprovalOutcome = request_approvals(
-            subject, policy.approval, ApprovalSettings().load_directory(), audit.log,
-            freeze=frozen, poll_interval=int(settings.approval_poll_seconds),
-        )
-        approved_by = tuple(a.approver for a in outcome.approvals)
-
-    with environment_lock(environment, audit):
-        # Re-check after the lock: time passed while waiting for approvals and the slot.
-        freeze_gate("before-traffic", frozen, audit)
-        checks = _verify(image, policy, audit, deploy_block, "after-lock")
-        deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
-                            approved_by=",".join(approved_by))
-        audit.record(COMPLETED, url=deployment.url, container=deployment.container_name,
-                     previous_digest=deployment.previous_digest, approved_by=list(approved_by))
-
-    result = PromotionResult(
-        app=app, environment=environment, image=image, commit=provenance["commit"],
-        built=built, verification=tuple(checks), approved_by=approved_by,
-        deployment=deployment, policy_sha256=policy.policy_sha256,
-    )
-    create_markdown_artifact(
-        markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
-        description=f"{app} {image.digest[:19]} promoted to {environment}",
-    )
-    print(f"{app} {image} runs in {environment} at {deployment.url}")
-    return result
+    settings, policy, audit = start_run(app, environment, requested_by, image=image,
+                                        commit=commit if image is None else None)
+    with refusals_recorded(audit):
+        freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(deploy_credentials_block)), audit)
+        built: BuiltEvidence | None = None
+        if policy.promote_from is None:
+            if image is not None:
+                raise PolicyRefusal(f"{environment} builds from source; it does not take an image")
+            built = build_with_evidence(app, source_repo, commit, ref, context_path, policy,
+                                        settings, audit, build_credentials_block)
+            target = built.build.image
+        else:
+            target = promoted_image(policy, image, audit)
+        return deploy_side(app, environment, target, built, requested_by,
+                           deploy_credentials_block, settings, policy, audit)

@@ -44,6 +44,11 @@ class EnvironmentPolicy(Frozen):
     approval: ApprovalPolicy | None = Field(
         default=None, description="human approval rules; None only where no person must approve"
     )
+    emergency_approval: ApprovalPolicy | None = Field(
+        default=None,
+        description="the shorter rule for the emergency path (e.g. one on-call approver); "
+        "None: this environment has no emergency path",
+    )
     change_calendar_url: str | None = Field(
         default=None, description="external change calendar (token in the deploy credentials)"
     )
@@ -54,7 +59,7 @@ class EnvironmentPolicy(Frozen):
     def _name_sub_policies(cls, data: Any) -> Any:
         # Sub-policies carry their environment's name; fill it in so a file states it once.
         if isinstance(data, dict) and "environment" in data:
-            for key in ("freeze", "approval"):
+            for key in ("freeze", "approval", "emergency_approval"):
                 if isinstance(data.get(key), dict):
                     data[key] = {"environment": data["environment"], **data[key]}
             data.setdefault("freeze", {"environment": data["environment"]})

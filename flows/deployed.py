@@ -1,0 +1,235 @@
+"""The flows behind ``deployments.yaml``: what people run from the Prefect UI, API and schedules.
+
+* ``build-release`` runs on the **build** work pool (build credentials only): build, sign,
+  SBOM, scan, attest.
+* ``promote-dev`` / ``promote-staging`` / ``promote-prod`` run on the **deploy** pool (deploy
+  credentials only). Each fixes its environment in code: no parameter names an environment.
+  ``promote-dev`` hands the build to the build pool with ``run_deployment`` and waits for its
+  result; staging and prod never build, they promote a digest that passed the environment
+  before (the newest one when a schedule fires without an ``image``).
+* ``emergency-promote`` (prod, API-triggered) needs an open P1/P2 incident ticket naming the
+  app; it may bypass freeze windows and uses the shorter emergency approval rule, and opens a
+  post-incident review due in 48 hours.
+* ``post-incident-reviews`` (scheduled) publishes the review status and lists overdue ones.
+
+Each flow asserts at run time that it runs on the side (pool) it was written for.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+
+from blocks.credentials import DeployCredentials
+from blocks.incidents import IncidentSystemBlock
+from flows.promote import (
+    BuiltEvidence,
+    Emergency,
+    PromotionResult,
+    build_with_evidence,
+    deploy_side,
+    emergency_policy,
+    promoted_image,
+    refusals_recorded,
+    start_run,
+)
+from infra.production import assert_worker_side
+from portcullis.chain import newest_passed
+from portcullis.errors import PolicyRefusal, TransientError
+from portcullis.incidents import check_emergency_ticket
+from portcullis.models import ImageRef
+from portcullis.policy import load_policy
+from portcullis.reviews import REPORT_ARTIFACT_KEY, ReviewStore, render_report
+from portcullis.settings import Settings
+from tasks.gates import RunAudit, freeze_checker, freeze_gate, open_audit_log
+
+BUILD_DEPLOYMENT = "build-release/build"
+
+
+def _side(expected: str) -> None:
+    # The local single-process stack has no pools; the deployments always set the variable.
+    if os.environ.get("PORTCULLIS_REQUIRE_WORKER_SIDE", "1") == "1":
+        assert_worker_side(expected)  # type: ignore[arg-type]
+
+
+@flow(name="build-release", log_prints=True, persist_result=True)
+def build_release(
+    app: str, source_repo: str, commit: str = "HEAD", ref: str = "main",
+    context_path: str = ".", environment: str = "dev",
+) -> BuiltEvidence:
+    """Build side: build one commit and attach signed evidence to its digest.
+
+    Args:
+        app: application name.
+        source_repo: git repository with the app's source.
+        commit: commit-ish to build.
+        ref: branch the commit must be on.
+        context_path: directory holding the Dockerfile.
+        environment: whose scan policy judges the build (the deploy side judges it again).
+
+    Returns:
+        The digest-pinned build with its scan verdict and timings.
+    """
+    _side("build")
+    settings = Settings()
+    policy = load_policy(environment, settings.policy_dir)
+    audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
+    with refusals_recorded(audit):
+        return build_with_evidence(app, source_repo, commit, ref, context_path, policy,
+                                   settings, audit, None)
+
+
+def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, context_path: str) -> BuiltEvidence:
+    run = run_deployment(
+        BUILD_DEPLOYMENT, timeout=1800, as_subflow=True,
+        parameters={"app": app, "source_repo": source_repo, "commit": commit, "ref": ref,
+                    "context_path": context_path, "environment": "dev"},
+    )
+    state = run.state  # type: ignore[union-attr]
+    if state is None or not state.is_completed():
+        message = state.message if state else "no state"
+        raise PolicyRefusal(f"the build on the build pool did not complete: {message}")
+    result = state.result()
+    if not isinstance(result, BuiltEvidence):
+        raise TransientError(f"the build run returned {type(result).__name__}, not a build")
+    return result
+
+
+@flow(name="promote-dev", log_prints=True)
+def promote_dev(
+    app: str = "hello", source_repo: str = ".", commit: str = "HEAD", ref: str = "main",
+    context_path: str = "examples/hello", requested_by: str = "scheduler",
+) -> PromotionResult:
+    """Deploy side: build on the build pool, then gate and deploy to dev.
+
+    Args:
+        app: application name.
+        source_repo: git repository (as the build worker sees it).
+        commit: commit-ish to build.
+        ref: branch the commit must be on.
+        context_path: directory holding the Dockerfile.
+        requested_by: who triggered it; they can never approve it.
+
+    Returns:
+        The promotion's result.
+    """
+    _side("deploy")
+    settings, policy, audit = start_run(app, "dev", requested_by, commit=commit)
+    with refusals_recorded(audit):
+        freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
+        built = _build_on_build_pool(app, source_repo, commit, ref, context_path)
+        audit.record("build.received", image=str(built.build.image), scan=built.scan.summary)
+        return deploy_side(app, "dev", built.build.image, built, requested_by, None,
+                           settings, policy, audit)
+
+
+def _promote_passed(app: str, environment: str, image: str | None, requested_by: str) -> PromotionResult | None:
+    _side("deploy")
+    settings, policy, audit = start_run(app, environment, requested_by, image=image)
+    with refusals_recorded(audit):
+        freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
+        if image is None:
+            # A schedule fired: take the newest digest that passed the environment before.
+            newest = newest_passed(audit.log, app, policy.promote_from or "")
+            if newest is None or newest.digest is None:
+                audit.record("promotion.skipped", reason=f"nothing of {app} has passed {policy.promote_from}")
+                print(f"nothing of {app} has passed {policy.promote_from} yet; nothing to promote")
+                return None
+            current = newest_passed(audit.log, app, environment)
+            if current is not None and current.digest == newest.digest:
+                audit.record("promotion.skipped", reason=f"{newest.digest} already runs in {environment}")
+                print(f"{newest.digest} already runs in {environment}")
+                return None
+            image = str(newest.details.get("image") or "")
+            if not image:
+                raise PolicyRefusal(f"the {policy.promote_from} record of {newest.digest} names no image")
+        target = promoted_image(policy, image, audit)
+        return deploy_side(app, environment, target, None, requested_by, None, settings, policy, audit)
+
+
+@flow(name="promote-staging", log_prints=True)
+def promote_staging(app: str = "hello", image: str | None = None, requested_by: str = "scheduler") -> PromotionResult | None:
+    """Deploy side: promote a digest that passed dev (default: the newest) to staging.
+
+    Args:
+        app: application name.
+        image: digest-pinned image; None takes the newest that passed dev.
+        requested_by: who triggered it; they can never approve it.
+
+    Returns:
+        The promotion's result, or None when there was nothing new to promote.
+    """
+    return _promote_passed(app, "staging", image, requested_by)
+
+
+@flow(name="promote-prod", log_prints=True)
+def promote_prod(app: str = "hello", image: str | None = None, requested_by: str = "scheduler") -> PromotionResult | None:
+    """Deploy side: promote a digest that passed staging (default: the newest) to prod.
+
+    Args:
+        app: application name.
+        image: digest-pinned image; None takes the newest that passed staging.
+        requested_by: who triggered it; they can never approve it.
+
+    Returns:
+        The promotion's result, or None when there was nothing new to promote.
+    """
+    return _promote_passed(app, "prod", image, requested_by)
+
+
+@flow(name="emergency-promote", log_prints=True)
+def emergency_promote(
+    app: str, image: str, incident_ticket: str, justification: str, requested_by: str,
+) -> PromotionResult:
+    """Deploy side, API-triggered: an emergency change to prod under an incident ticket.
+
+    Args:
+        app: the service being fixed; the ticket must name it.
+        image: digest-pinned image with full evidence (signature, provenance from an allowed
+            branch, SBOM, scan without CRITICAL findings).
+        incident_ticket: an open P1/P2 incident in the incident system.
+        justification: why this cannot wait for the normal path.
+        requested_by: who triggered it; they can never approve it.
+
+    Returns:
+        The promotion's result.
+    """
+    _side("deploy")
+    if not justification.strip():
+        raise PolicyRefusal("an emergency promotion needs a justification")
+    settings, policy, audit = start_run(app, "prod", requested_by, image=image,
+                                        ticket=incident_ticket, justification=justification)
+    with refusals_recorded(audit):
+        incident = IncidentSystemBlock.resolve(None).get_client().get(incident_ticket)
+        check_emergency_ticket(incident, app, datetime.now(UTC))
+        audit.record("emergency.ticket-verified", ticket=incident.number,
+                     priority=incident.priority_label, state=incident.state_label)
+        target = ImageRef.parse(image)
+        review = ReviewStore(settings.home / "reviews").open_review(
+            ticket=incident.number, app=app, environment="prod", digest=target.digest,
+            flow_run_id=str(flow_run.get_id()),
+        )
+        audit.record("emergency.review-opened", ticket=incident.number, due=review.due_at.isoformat())
+        emergency = Emergency(ticket=incident.number, justification=justification,
+                              incident_summary=incident.short_description)
+        return deploy_side(app, "prod", target, None, requested_by, None, settings,
+                           emergency_policy(policy), audit, emergency=emergency)
+
+
+@flow(name="post-incident-reviews", log_prints=True)
+def post_incident_reviews() -> int:
+    """Scheduled: publish the post-incident review status; returns how many are overdue."""
+    settings = Settings()
+    store = ReviewStore(settings.home / "reviews")
+    now = datetime.now(UTC)
+    overdue = store.overdue(now)
+    create_markdown_artifact(key=REPORT_ARTIFACT_KEY, markdown=render_report(store.reviews(), now),
+                             description=f"{len(overdue)} overdue post-incident review(s)")
+    for review in overdue:
+        print(f"OVERDUE: post-incident review of {review.ticket} ({review.app} {review.digest[:19]}) was due {review.due_at.isoformat()}")
+    return len(overdue)

@@ -4,6 +4,7 @@ Blocks hold configuration, secrets and client factories; no workflow logic lives
 """
 
 from blocks.credentials import BuildCredentials, DeployCredentials
+from blocks.gitops import GitOpsTargetBlock
 from blocks.incidents import IncidentSystemBlock
 
-__all__ = ["BuildCredentials", "DeployCredentials", "IncidentSystemBlock"]
+__all__ = ["BuildCredentials", "DeployCredentials", "GitOpsTargetBlock", "IncidentSystemBlock"]

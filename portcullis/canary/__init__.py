@@ -1,0 +1,11 @@
+"""Canary analysis on real traffic.
+
+* :mod:`portcullis.canary.analysis` -- the pure part: the canary policy (steps and limits), the
+  measurement models, the statistics and the verdict. No I/O.
+* :mod:`portcullis.canary.metrics` -- where measurements come from: the
+  :class:`~portcullis.canary.metrics.MetricsProvider` interface and the Prometheus provider.
+* :mod:`portcullis.canary.loadgen` -- a bounded ``wrk`` run against a loopback URL.
+
+The router that splits traffic (HAProxy) and the processes behind the metrics (Prometheus, the
+latency exporter) live in ``infra/``.
+"""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from prefect import flow
@@ -25,9 +25,17 @@ from prefect.runtime import flow_run
 from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
-from portcullis.approval import ApprovalOutcome, ApprovalSettings
+from infra.haproxy import Router
+from portcullis.approval import (
+    ApprovalOutcome,
+    ApprovalSettings,
+    FileReplayStore,
+    replay_store_path,
+)
+from portcullis.canary.analysis import Verdict
+from portcullis.canary.metrics import PrometheusProvider
 from portcullis.chain import COMPLETED, passed_in
-from portcullis.errors import PolicyRefusal, PortcullisError
+from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
 from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict, Severity
@@ -35,6 +43,7 @@ from portcullis.settings import Settings
 from portcullis.verification import CheckResult
 from tasks.approval import request_approvals, subject_for_current_run
 from tasks.build import build_image
+from tasks.canary import CanaryReport, ask_person, rollout
 from tasks.deploy import deploy
 from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
 from tasks.scan import generate_sbom_task, scan_task
@@ -83,6 +92,7 @@ class PromotionResult(Frozen):
     verification: tuple[CheckResult, ...]
     approved_by: tuple[str, ...]
     deployment: Deployment
+    canary: CanaryReport | None = None
     policy_sha256: str
 
 
@@ -232,8 +242,14 @@ def deploy_side(
         # Re-check after the lock: time passed while waiting for approvals and the slot.
         freeze("before-traffic")
         checks = _verify(image, policy, audit, deploy_block, "after-lock")
-        deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
-                            approved_by=",".join(approved_by))
+        canary_report: CanaryReport | None = None
+        if policy.canary is None:
+            deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
+                                approved_by=",".join(approved_by))
+        else:
+            deployment, canary_report = _canary(
+                image, app, environment, provenance["commit"], deploy_creds, policy, settings,
+                audit, ",".join(approved_by))
         audit.record(COMPLETED, image=str(image), url=deployment.url,
                      container=deployment.container_name,
                      previous_digest=deployment.previous_digest, approved_by=list(approved_by),
@@ -242,7 +258,7 @@ def deploy_side(
     result = PromotionResult(
         app=app, environment=environment, image=image, commit=provenance["commit"],
         built=built, verification=tuple(checks), approved_by=approved_by,
-        deployment=deployment, policy_sha256=policy.policy_sha256,
+        deployment=deployment, canary=canary_report, policy_sha256=policy.policy_sha256,
     )
     create_markdown_artifact(
         markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
@@ -250,6 +266,38 @@ def deploy_side(
     )
     print(f"{app} {image} runs in {environment} at {deployment.url}")
     return result
+
+
+def _canary(
+    image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials,
+    policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, approved_by: str,
+) -> tuple[Deployment, CanaryReport | None]:
+    """Roll out behind the router with canary analysis; a person decides an Inconclusive."""
+    assert policy.canary is not None
+    if not settings.prometheus_url:
+        raise ConfigurationError(
+            f"{environment} requires a canary but no Prometheus is configured",
+            hint="set PORTCULLIS_PROMETHEUS_URL (the local stack does)",
+        )
+    router = Router(settings.router_dir)
+    provider = PrometheusProvider(settings.prometheus_url)
+
+    def person(verdict: Verdict) -> tuple[Literal["promote", "rollback"], str]:
+        return ask_person(
+            verdict, app=app, environment=environment, digest=image.digest,
+            directory=ApprovalSettings().load_directory(), policy=policy.approval,
+            replay=FileReplayStore(replay_store_path(audit.log.path)), record=audit.record,
+            poll_interval=int(settings.approval_poll_seconds), timeout=timedelta(hours=1),
+        )
+
+    try:
+        return rollout(
+            image, app, environment, commit, creds, policy=policy.canary, router=router,
+            provider=provider, record=audit.record, on_inconclusive=person,
+            approved_by=approved_by, synthetic_load=settings.canary_synthetic_load,
+        )
+    finally:
+        provider.close()
 
 
 def start_run(app: str, environment: str, requested_by: str, **details: JsonValue) -> tuple[Settings, EnvironmentPolicy, RunAudit]:

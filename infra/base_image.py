@@ -19,7 +19,9 @@ from portcullis.errors import PortcullisError
 from portcullis.toolrun import run_tool
 
 BASE_IMAGE = "portcullis/busybox:base"
-_APPLETS = ("sh", "httpd", "wget", "cat", "echo", "sleep", "date", "env", "ls", "mkdir", "nc")
+_APPLETS = ("sh", "httpd", "wget", "cat", "echo", "sleep", "usleep", "date", "env", "ls", "mkdir", "nc")
+# Recorded on the image so a changed applet list rebuilds it instead of reusing a stale one.
+_CONTENT_LABEL = "dev.portcullis.base-applets"
 
 _DOCKERFILE = b"""FROM scratch
 COPY rootfs/ /
@@ -68,11 +70,14 @@ def _context(busybox: Path) -> bytes:
 def ensure_base_image(client: docker.DockerClient) -> str:
     """Build :data:`BASE_IMAGE` in the engine if it is not there yet; return its image id."""
     try:
-        return str(client.images.get(BASE_IMAGE).id)
+        existing = client.images.get(BASE_IMAGE)
+        if existing.labels.get(_CONTENT_LABEL) == ",".join(_APPLETS):
+            return str(existing.id)
     except ImageNotFound:
         pass
     image, _ = client.images.build(
         fileobj=io.BytesIO(_context(_busybox_path())), custom_context=True, tag=BASE_IMAGE,
-        rm=True, forcerm=True, labels={"org.opencontainers.image.title": "portcullis busybox base"},
+        rm=True, forcerm=True, labels={"org.opencontainers.image.title": "portcullis busybox base",
+                _CONTENT_LABEL: ",".join(_APPLETS)},
     )
     return str(image.id)

@@ -24,6 +24,7 @@ from infra import prefect_server, registry
 from infra.base_image import ensure_base_image
 from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
 from infra.docker_engine import ensure_engine, stop_private_engine
+from infra.traffic import TrafficPorts, ensure_traffic, stop_traffic
 from portcullis.errors import PortcullisError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ class StackConfig:
     registry_port: int = 5000
     prefect_port: int = 4200
     with_prefect: bool = True
+    traffic_ports: TrafficPorts = TrafficPorts(
+        syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090
+    )
 
     @classmethod
     def from_env(cls) -> StackConfig:
@@ -66,6 +70,7 @@ class StackInfo:
     cosign_private_key: str
     cosign_password: str
     cosign_public_key: str
+    prometheus_url: str
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -84,6 +89,10 @@ class StackInfo:
             "PORTCULLIS_BUILD_COSIGN_PASSWORD": self.cosign_password,
             "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(self.cosign_public_key),
             "PORTCULLIS_HOME": self.state_dir,
+            "PORTCULLIS_PROMETHEUS_URL": self.prometheus_url,
+            # The local stack has no users: drive requests through the router during canary
+            # windows so the analysis has traffic to judge.
+            "PORTCULLIS_CANARY_SYNTHETIC_LOAD": "true",
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
@@ -119,6 +128,7 @@ def up(config: StackConfig) -> StackInfo:
         client.close()
     private_pem, key_password, public_pem = ensure_signing_keys(state)
     ensure_trivy_db(state / "trivy")
+    traffic = ensure_traffic(state / "traffic", config.traffic_ports)
     info = StackInfo(
         docker_host=engine.host,
         docker_private=engine.private,
@@ -134,6 +144,7 @@ def up(config: StackConfig) -> StackInfo:
         cosign_private_key=private_pem,
         cosign_password=key_password,
         cosign_public_key=public_pem,
+        prometheus_url=traffic.prometheus_url,
     )
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"
@@ -146,7 +157,7 @@ def up(config: StackConfig) -> StackInfo:
 def down(config: StackConfig) -> list[str]:
     """Stop everything :func:`up` started. Returns the names of what was stopped."""
     state = config.state_dir
-    stopped = []
+    stopped = stop_traffic(state / "traffic")
     if prefect_server.stop_server(state / "prefect"):
         stopped.append("prefect-server")
     if registry.stop_registry(state / "registry"):
@@ -162,6 +173,7 @@ def _describe(info: StackInfo) -> str:
         f"docker engine   {info.docker_host}  ({engine}, server {info.docker_version})",
         f"registry        http://{info.registry}  (accounts: builder=push, deployer=pull)",
         f"prefect server  {info.prefect_api_url or 'not started'}",
+        f"prometheus      {info.prometheus_url}  (scrapes the HAProxy router and its latency log)",
         f"base image      {info.base_image_id}",
     ]
     return "\n".join(lines)

@@ -576,7 +576,7 @@ class ApprovalLedger:
                 f"{approver.name} entered too many wrong codes for this run; "
                 "another approver must decide",
             )
-        step = _verify_totp(approver, decision.code, at)
+        step = verify_totp(approver, decision.code, at)
         if step is None:
             self._failed_codes[approver.name] = self._failed_codes.get(approver.name, 0) + 1
             left = self.policy.max_failed_codes - self._failed_codes[approver.name]
@@ -646,7 +646,7 @@ def _aware(at: datetime) -> datetime:
     return plain_utc(at)
 
 
-def _verify_totp(approver: Approver, code: str, at: datetime) -> int | None:
+def verify_totp(approver: Approver, code: str, at: datetime) -> int | None:
     """The time step ``code`` belongs to, or None. Constant-time comparison per candidate."""
     code = code.replace(" ", "")
     if not _CODE_RE.fullmatch(code):

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from portcullis.approval import ApprovalPolicy
+from portcullis.canary.analysis import CanaryPolicy
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import FreezePolicy
 from portcullis.models import Frozen
@@ -48,6 +49,10 @@ class EnvironmentPolicy(Frozen):
         default=None,
         description="the shorter rule for the emergency path (e.g. one on-call approver); "
         "None: this environment has no emergency path",
+    )
+    canary: CanaryPolicy | None = Field(
+        default=None,
+        description="canary steps and limits; None deploys blue/green behind the health check only",
     )
     change_calendar_url: str | None = Field(
         default=None, description="external change calendar (token in the deploy credentials)"

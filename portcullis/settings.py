@@ -34,6 +34,17 @@ class Settings(BaseSettings):
         default=None, description="the local audit log (default: <home>/audit/audit.jsonl)"
     )
 
+    traffic_dir: Path | None = Field(
+        default=None, description="the router's state (default: <home>/traffic)"
+    )
+    prometheus_url: str | None = Field(
+        default=None, description="Prometheus that scrapes the router, for canary analysis"
+    )
+    canary_synthetic_load: bool = Field(
+        default=False,
+        description="drive load through the front door during canary windows (local stack and "
+        "tests only: a real environment has real traffic)",
+    )
     approval_poll_seconds: float = Field(
         default=10, description="how often a paused approval checks for a resume (UI latency)"
     )
@@ -42,6 +53,11 @@ class Settings(BaseSettings):
     def trivy_cache(self) -> Path:
         """The trivy cache directory."""
         return self.trivy_cache_dir or self.home / "trivy"
+
+    @property
+    def router_dir(self) -> Path:
+        """The HAProxy router's state directory."""
+        return (self.traffic_dir or self.home / "traffic") / "router"
 
     @property
     def scratch(self) -> Path:

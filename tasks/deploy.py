@@ -62,7 +62,7 @@ def find_live(client: docker.DockerClient, app: str, environment: str) -> Live |
     return Live(live, Slot(live.labels[LABEL_SLOT]), live.labels[LABEL_DIGEST])
 
 
-def _pull(client: docker.DockerClient, image: ImageRef, creds: DeployCredentials) -> None:
+def pull_image(client: docker.DockerClient, image: ImageRef, creds: DeployCredentials) -> None:
     try:
         pulled = client.images.pull(image.name, tag=image.digest, auth_config=creds.registry_auth())
     except docker.errors.NotFound:
@@ -167,6 +167,14 @@ def start_candidate(
     return container
 
 
+def retire_others(client: docker.DockerClient, app: str, environment: str, *, keep: str) -> None:
+    """Stop and remove every container of the app in the environment except ``keep``."""
+    for old in _containers(client, app, environment):
+        if old.id != keep:
+            old.stop(timeout=10)
+            old.remove(force=True)
+
+
 def deploy_image(
     image: ImageRef,
     app: str,
@@ -201,7 +209,7 @@ def deploy_image(
             hint="check the deploy credentials' docker_host and that the engine runs",
         ) from None
     try:
-        _pull(client, image, credentials)
+        pull_image(client, image, credentials)
         live = find_live(client, app, environment)
         slot = live.slot.other() if live else Slot.BLUE
         previous = live.digest if live else None
@@ -209,10 +217,7 @@ def deploy_image(
             client, image, app, environment, slot, commit=commit, previous_digest=previous,
             approved_by=approved_by, health_timeout=health_timeout,
         )
-        for old in _containers(client, app, environment):
-            if old.id != container.id:
-                old.stop(timeout=10)
-                old.remove(force=True)
+        retire_others(client, app, environment, keep=str(container.id))
         plan = port_plan(app, environment)
         return Deployment(
             app=app, environment=environment, image=image, container_id=str(container.id),

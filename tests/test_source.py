@@ -21,11 +21,11 @@ def test_resolves_head_to_the_full_commit_with_author(app_repo: AppRepo) -> None
 
 def test_archive_holds_the_commit_not_the_working_tree(app_repo: AppRepo) -> None:
     source = resolve_source(app_repo.path, "HEAD", "main")
-    (app_repo.path / "app.conf").write_text("FAIL_PERCENT=100\n")  # uncommitted edit
+    (app_repo.path / "app.conf").write_text("FAIL_PERMILLE=1000\n")  # uncommitted edit
     with tarfile.open(fileobj=io.BytesIO(archive_context(app_repo.path, source))) as tar:
         member = tar.extractfile("app.conf")
         assert member is not None
-        assert b"FAIL_PERCENT=0" in member.read()
+        assert b"FAIL_PERMILLE=0" in member.read()
 
 
 def test_unknown_commit_is_refused(app_repo: AppRepo) -> None:

@@ -1,0 +1,272 @@
+"""Canary rollout on a Docker host behind the HAProxy router.
+
+The new version starts in the free slot and proves itself healthy; then it receives a growing
+share of real traffic, step by step, while the analysis compares it with the stable version
+over the same windows. Successful: all traffic moves to it and the old version is retired.
+Failed or Error (or the canary container dies): traffic goes back to stable at once and the
+canary is removed. Inconclusive: a person decides, with a verified code, in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import docker
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+from blocks.credentials import DeployCredentials
+from infra.haproxy import Router, ServerRole
+from portcullis.approval import ApprovalPolicy, ApproverDirectory, FileReplayStore, verify_totp
+from portcullis.canary.analysis import (
+    AnalysisPhase,
+    CanaryPolicy,
+    Measurement,
+    Verdict,
+    Window,
+    decide,
+)
+from portcullis.canary.loadgen import LoadResult, run_load
+from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
+from portcullis.environments import Slot, port_plan
+from portcullis.errors import PolicyRefusal, TransientError
+from portcullis.models import Deployment, Frozen, ImageRef
+from tasks.deploy import find_live, pull_image, retire_others, start_candidate
+
+HEALTH_PATH = "/cgi-bin/healthz"
+LOAD_PATH = "/cgi-bin/hello"
+Record = Callable[..., None]
+
+
+class CanaryFailed(PolicyRefusal):
+    """The canary was rolled back; the stable version serves all traffic."""
+
+
+class CanaryReport(Frozen):
+    """What the canary analysis decided, step by step, and how fast it acted."""
+
+    phase: AnalysisPhase
+    reason: str
+    steps: tuple[str, ...]
+    decided_by: str = Field(default="analysis", description="'analysis' or a verified approver")
+    seconds_to_stable: float | None = Field(
+        default=None, description="from the start of the failing window to 100% on stable"
+    )
+    load: tuple[LoadResult, ...] = ()
+
+
+class CanaryDecisionForm(RunInput):
+    """A person's decision on an Inconclusive canary, proven with their TOTP code."""
+
+    approver: str = Field(description="your approver id")
+    code: str = Field(description="the 6-digit code from your authenticator app")
+    decision: Literal["promote", "rollback"] = Field(description="promote the canary, or roll back")
+    comment: str = Field(default="", description="why")
+
+
+def ask_person(
+    verdict: Verdict, *, app: str, environment: str, digest: str, directory: ApproverDirectory,
+    policy: ApprovalPolicy | None, replay: FileReplayStore, record: Record, poll_interval: int,
+    timeout: timedelta,
+) -> tuple[Literal["promote", "rollback"], str]:
+    """Pause until a verified approver decides; refused answers re-offer the form.
+
+    No answer before ``timeout`` means rollback: an undecided canary never becomes stable.
+    """
+    notice = ""
+    deadline = datetime.now(UTC) + timeout
+    while datetime.now(UTC) < deadline:
+        description = (
+            f"{notice}## Canary of {app} in {environment} is Inconclusive\n\n"
+            f"- digest `{digest}`\n- analysis: {verdict.reason}\n\n"
+            + "\n".join(f"- {a.summary()}" for a in verdict.assessments)
+            + "\n\nDecide with your approver id and the current code from your app."
+        )
+        remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
+        answer = pause_flow_run(wait_for_input=CanaryDecisionForm.with_initial_data(
+            description=description), timeout=remaining, poll_interval=poll_interval)
+        approver = directory.get(answer.approver.strip().lower())
+        now = datetime.now(UTC)
+        step = verify_totp(approver, answer.code, now) if approver else None
+        if approver is None or step is None:
+            notice = f"**Refused:** unknown approver or wrong code for {answer.approver!r}.\n\n"
+        elif policy is not None and not policy.may_approve(approver):
+            notice = f"**Refused:** {approver.name} may not decide in {environment}.\n\n"
+        elif not replay.claim(approver.name, step):
+            notice = "**Refused:** that code was used before; wait for the next one.\n\n"
+        else:
+            record("canary.decision", actor=approver.name, decision=answer.decision,
+                   comment=answer.comment)
+            return answer.decision, approver.name
+        record("canary.decision-refused", actor="unverified", claimed=answer.approver,
+               reason=notice.strip("*\n "))
+    record("canary.decision-timeout")
+    return "rollback", "timeout"
+
+
+class _Load:
+    """Synthetic load through the front door for one window (demo and tests only)."""
+
+    def __init__(self, url: str, seconds: float) -> None:
+        self.result: LoadResult | None = None
+        self._thread = threading.Thread(target=self._run, args=(url, seconds), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, seconds: float) -> None:
+        try:
+            self.result = run_load(url, duration_seconds=seconds, connections=4)
+        except Exception:  # noqa: BLE001 - load is best effort; the analysis judges the traffic
+            self.result = None
+
+    def wait(self) -> LoadResult | None:
+        self._thread.join()
+        return self.result
+
+
+def _container_exit(client: docker.DockerClient, container_id: str) -> str | None:
+    try:
+        container = client.containers.get(container_id)
+    except docker.errors.NotFound:
+        return "the canary container disappeared"
+    if container.status not in ("running", "created", "restarting"):
+        return f"the canary container is {container.status} (exit code {container.attrs['State'].get('ExitCode')})"
+    if container.attrs["State"].get("RestartCount", 0) > 0:
+        return f"the canary container restarted {container.attrs['State']['RestartCount']} time(s)"
+    return None
+
+
+def rollout(
+    image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
+    policy: CanaryPolicy, router: Router, provider: MetricsProvider, record: Record,
+    on_inconclusive: Callable[[Verdict], tuple[Literal["promote", "rollback"], str]],
+    approved_by: str = "", synthetic_load: bool = False, health_timeout: float = 60.0,
+) -> tuple[Deployment, CanaryReport | None]:
+    """Deploy ``image`` behind the router, as a canary when a version already serves.
+
+    Returns:
+        The deployment (``url`` is the router's front door) and the canary report (None for a
+        first deploy, which has nothing to compare with).
+
+    Raises:
+        CanaryFailed: the canary was rolled back; stable serves everything again.
+    """
+    plan = port_plan(app, environment)
+    front = f"http://{creds.public_host}:{plan.front}/"
+    client = creds.docker_client()
+    try:
+        pull_image(client, image, creds)
+        live = find_live(client, app, environment)
+        slot = live.slot.other() if live else Slot.BLUE
+        candidate = start_candidate(client, image, app, environment, slot, commit=commit,
+                                    previous_digest=live.digest if live else None,
+                                    approved_by=approved_by, health_timeout=health_timeout)
+        port = plan.slot_port(slot)
+        if live is None:
+            router.ensure_route(app, environment, listen_port=plan.front, stable_port=port,
+                                health_path=HEALTH_PATH)
+            record("canary.skipped", reason="first deploy: no stable version to compare with")
+            return _deployment(image, app, environment, candidate, front, None, commit), None
+        router.ensure_route(app, environment, listen_port=plan.front,
+                            stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
+        router.point_server(app, environment, ServerRole.CANARY, port)
+        report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
+                                   provider, record, front, synthetic_load)
+        decided_by = "analysis"
+        if report.phase is AnalysisPhase.INCONCLUSIVE:
+            # Stable takes all traffic while a person decides.
+            router.set_canary_weight(app, environment, 0)
+            choice, decided_by = on_inconclusive(verdict)
+            report = report.model_copy(update={"decided_by": decided_by,
+                                               "phase": AnalysisPhase.SUCCESSFUL if choice == "promote"
+                                               else AnalysisPhase.FAILED})
+        if report.phase is AnalysisPhase.SUCCESSFUL:
+            # Shift everything to the canary, then make it the stable server, then retire the
+            # old version: at no moment does traffic go to a container that is stopping.
+            router.set_canary_weight(app, environment, 100)
+            router.point_server(app, environment, ServerRole.STABLE, port)
+            router.disable_canary(app, environment)
+            time.sleep(1.0)  # let requests in flight on the old version finish
+            retire_others(client, app, environment, keep=str(candidate.id))
+            record("canary.promoted", steps=list(report.steps), decided_by=decided_by)
+            return _deployment(image, app, environment, candidate, front, live.digest, commit), report
+        started = time.monotonic()
+        router.disable_canary(app, environment)
+        seconds = report.seconds_to_stable
+        if seconds is not None:
+            seconds += time.monotonic() - started
+        candidate.remove(force=True)
+        report = report.model_copy(update={"seconds_to_stable": seconds})
+        record("canary.rolled-back", reason=report.reason, steps=list(report.steps),
+               seconds_to_stable=seconds, decided_by=decided_by)
+        raise CanaryFailed(
+            f"canary of {app} {image.digest[:19]} in {environment} rolled back: {report.reason}",
+            hint=f"{live.digest[:19]} keeps serving at {front}",
+        )
+    finally:
+        client.close()
+
+
+def _analyse(
+    client: docker.DockerClient, container_id: str, app: str, environment: str,
+    policy: CanaryPolicy, router: Router, provider: MetricsProvider, record: Record,
+    front: str, synthetic_load: bool,
+) -> tuple[CanaryReport, Verdict]:
+    target = CanaryTarget(backend=f"{app}.{environment}")
+    measurements: list[Measurement] = []
+    loads: list[LoadResult] = []
+    verdict = decide(policy, measurements)
+    window_start = time.monotonic()
+    while not verdict.phase.terminal:
+        assert verdict.next_step is not None and verdict.next_weight is not None
+        router.set_canary_weight(app, environment, verdict.next_weight)
+        seconds = policy.steps[verdict.next_step].window_seconds
+        # The window opens just after the weight change so it holds no request routed under
+        # the previous weight.
+        start = datetime.now(UTC) + timedelta(seconds=0.5)
+        window_start = time.monotonic() + 0.5
+        load = _Load(front.rstrip("/") + LOAD_PATH, seconds + 0.5) if synthetic_load else None
+        crashed = None
+        while datetime.now(UTC) < start + timedelta(seconds=seconds):
+            crashed = _container_exit(client, container_id)
+            if crashed:
+                break
+            time.sleep(0.25)
+        if load is not None and (result := load.wait()) is not None:
+            loads.append(result)
+        if crashed:
+            record("canary.crashed", reason=crashed)
+            return CanaryReport(phase=AnalysisPhase.FAILED, reason=crashed,
+                                steps=tuple(a.summary() for a in verdict.assessments),
+                                seconds_to_stable=time.monotonic() - window_start,
+                                load=tuple(loads)), verdict
+        window = Window(start=start, end=start + timedelta(seconds=seconds))
+        try:
+            measurements.append(measure(provider, target, step=verdict.next_step,
+                                        weight=verdict.next_weight, window=window))
+        except TransientError as exc:
+            measurements.append(Measurement(step=verdict.next_step, weight=verdict.next_weight,
+                                            window=window, error=str(exc)))
+        verdict = decide(policy, measurements)
+        record("canary.step", weight=measurements[-1].weight, phase=verdict.phase.value,
+               summary=verdict.assessments[-1].summary() if verdict.assessments else "")
+    failing = verdict.phase in (AnalysisPhase.FAILED, AnalysisPhase.ERROR)
+    return CanaryReport(
+        phase=verdict.phase, reason=verdict.reason,
+        steps=tuple(a.summary() for a in verdict.assessments),
+        seconds_to_stable=(time.monotonic() - window_start) if failing else None,
+        load=tuple(loads),
+    ), verdict
+
+
+def _deployment(image: ImageRef, app: str, environment: str, container: object, url: str,
+                previous: str | None, commit: str) -> Deployment:
+    return Deployment(
+        app=app, environment=environment, image=image, container_id=str(container.id),  # type: ignore[attr-defined]
+        container_name=str(container.name), url=url, previous_digest=previous,  # type: ignore[attr-defined]
+        commit=commit, deployed_at=datetime.now(UTC),
+    )

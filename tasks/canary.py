@@ -135,8 +135,9 @@ def _container_exit(client: docker.DockerClient, container_id: str) -> str | Non
         return "the canary container disappeared"
     if container.status not in ("running", "created", "restarting"):
         return f"the canary container is {container.status} (exit code {container.attrs['State'].get('ExitCode')})"
-    if container.attrs["State"].get("RestartCount", 0) > 0:
-        return f"the canary container restarted {container.attrs['State']['RestartCount']} time(s)"
+    restarts = int(container.attrs.get("RestartCount", 0))
+    if restarts > 0:
+        return f"the canary container crashed and was restarted {restarts} time(s)"
     return None
 
 

@@ -1,0 +1,227 @@
+"""Canary rollouts of real containers behind the real HAProxy router, judged from Prometheus.
+
+Given a stable version serving behind the router, when a new version is rolled out as a
+canary with synthetic load through the front door, then: a good version is promoted step by
+step; a version answering 20% errors is rolled back at the first step; a "slow burn" version
+under the absolute limit but far worse than the baseline is rolled back; a canary that gets no
+traffic is Inconclusive and a person decides with a verified code; a crashed canary is caught;
+and the stable side fails no request through any of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pyotp
+import pytest
+from prefect import flow
+
+from blocks.credentials import BuildCredentials, DeployCredentials
+from infra.haproxy import Router
+from infra.prometheus import free_tcp_port
+from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
+from portcullis.approval import ApproverDirectory, FileReplayStore
+from portcullis.canary.analysis import AnalysisLimits, AnalysisPhase, CanaryPolicy, CanaryStep
+from portcullis.canary.loadgen import run_load
+from portcullis.canary.metrics import PrometheusProvider
+from portcullis.environments import port_plan
+from portcullis.models import BuildResult
+from tasks.build import build_and_push
+from tasks.canary import CanaryFailed, ask_person, rollout
+from tasks.deploy import LABEL_APP
+from tests.conftest import AppRepo
+from tests.support.approval_driver import Resumer
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
+
+POLICY = CanaryPolicy(
+    steps=(CanaryStep(weight=20, window_seconds=5), CanaryStep(weight=50, window_seconds=5)),
+    limits=AnalysisLimits(min_requests=40, min_latency_samples=40, max_error_rate=0.01,
+                          max_p99_seconds=1.0, max_p99_ratio=3.0, p99_tolerance_seconds=0.1),
+)
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
+    """HAProxy, the latency exporter and Prometheus, on free loopback ports."""
+    state = tmp_path_factory.mktemp("traffic")
+    ports = TrafficPorts(free_tcp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port())
+    yield ensure_traffic(state, ports)
+    stop_traffic(state)
+
+
+class Events:
+    """Collects what the rollout records, as the audit trail would."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, **details: Any) -> None:
+        self.items.append((event, details))
+
+    def names(self) -> list[str]:
+        return [e for e, _ in self.items]
+
+
+def _build(repo: AppRepo, app: str, creds: BuildCredentials, message: str, **conf: str) -> BuildResult:
+    if conf:
+        repo.commit_config(message, **conf)
+    return build_and_push(app, str(repo.path), "HEAD", "main", ".", creds)
+
+
+def _never(_: Any) -> Any:
+    raise AssertionError("no person should be asked")
+
+
+def _rollout(build: BuildResult, app: str, creds: DeployCredentials, traffic: Traffic,
+             events: Events, *, load: bool = True, on_inconclusive: Any = _never) -> Any:
+    provider = PrometheusProvider(traffic.prometheus_url)
+    try:
+        return rollout(build.image, app, "dev", build.source.commit, creds, policy=POLICY,
+                       router=Router(traffic.router_dir), provider=provider, record=events,
+                       on_inconclusive=on_inconclusive, synthetic_load=load)
+    finally:
+        provider.close()
+
+
+def _front(app: str) -> str:
+    return f"http://127.0.0.1:{port_plan(app, 'dev').front}/cgi-bin/hello"
+
+
+def _stable_errors(events: Events) -> list[str]:
+    """Baseline error counts in every analysed window (the stable side's failures)."""
+    out = []
+    for event, details in events.items:
+        if event == "canary.step" and "baseline 0.00%" not in details["summary"]:
+            out.append(details["summary"])
+    return out
+
+
+@pytest.fixture()
+def stable(app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+           deploy_creds: DeployCredentials, traffic: Traffic) -> BuildResult:
+    """A first version deployed behind the router (no canary: nothing to compare with)."""
+    v1 = _build(app_repo, app_name, build_creds, "v1")
+    events = Events()
+    deployment, report = _rollout(v1, app_name, deploy_creds, traffic, events)
+    assert report is None and events.names() == ["canary.skipped"]
+    assert httpx.get(deployment.url + "cgi-bin/hello", timeout=5).status_code == 200
+    return v1
+
+
+def test_good_version_is_promoted_step_by_step(
+    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
+) -> None:
+    v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
+    events = Events()
+    deployment, report = _rollout(v2, app_name, deploy_creds, traffic, events)
+    assert report.phase is AnalysisPhase.SUCCESSFUL
+    assert [d["phase"] for e, d in events.items if e == "canary.step"] == ["Running", "Successful"]
+    assert "canary.promoted" in events.names()
+    assert deployment.previous_digest == stable.image.digest
+    assert "hello v2" in httpx.get(_front(app_name), timeout=5).text
+    live = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+    assert [c.labels["dev.portcullis.digest"] for c in live] == [v2.image.digest]
+    assert _stable_errors(events) == []
+    assert all(r.http_errors == 0 and r.socket_errors == 0 for r in report.load)
+
+
+def test_twenty_percent_errors_are_rolled_back_at_the_first_step(
+    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
+) -> None:
+    bad = _build(app_repo, app_name, build_creds, "bad", FAIL_PERMILLE="200")
+    events = Events()
+    with pytest.raises(CanaryFailed, match="rolled back"):
+        _rollout(bad, app_name, deploy_creds, traffic, events)
+    steps = [d for e, d in events.items if e == "canary.step"]
+    assert len(steps) == 1 and steps[0]["phase"] == "Failed"
+    rolled = dict(events.items)["canary.rolled-back"]
+    print(f"\nFIGURE 20%-errors canary: back on stable {rolled['seconds_to_stable']:.1f}s after the "
+          f"failing window opened; {steps[0]['summary'][:160]}")
+    assert _stable_errors(events) == []
+    live = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+    assert [c.labels["dev.portcullis.digest"] for c in live] == [stable.image.digest]
+    after = run_load(_front(app_name), duration_seconds=2, connections=4)
+    assert after.requests > 0 and after.http_errors == 0 and after.socket_errors == 0
+
+
+def test_slow_burn_under_the_absolute_limit_is_rolled_back(
+    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    deploy_creds: DeployCredentials, traffic: Traffic,
+) -> None:
+    # 0.8% errors: under the 1% absolute limit, but the stable version has none.
+    slow = _build(app_repo, app_name, build_creds, "slow burn", FAIL_PERMILLE="8")
+    events = Events()
+    with pytest.raises(CanaryFailed) as err:
+        _rollout(slow, app_name, deploy_creds, traffic, events)
+    summaries = [d["summary"] for e, d in events.items if e == "canary.step"]
+    print(f"\nFIGURE slow burn: {err.value.message[:200]} | {summaries[-1][:200]}")
+    assert "error-rate-vs-baseline" in " ".join(summaries)
+    assert _stable_errors(events) == []
+
+
+def test_a_crashed_canary_is_caught_and_rolled_back(
+    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
+) -> None:
+    # The version dies two seconds after it starts serving traffic.
+    serve = app_repo.path / "serve.sh"
+    serve.write_text('#!/bin/sh\n/bin/httpd -f -p "0.0.0.0:${PORT:-8080}" -h /www &\n'
+                     'sleep 8\nexit 3\n')
+    app_repo.git("commit", "-qam", "crashes")
+    crashing = _build(app_repo, app_name, build_creds, "crash")
+    events = Events()
+    with pytest.raises(CanaryFailed, match="canary container"):
+        _rollout(crashing, app_name, deploy_creds, traffic, events)
+    assert "canary.crashed" in events.names()
+    live = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+    assert [c.labels["dev.portcullis.digest"] for c in live] == [stable.image.digest]
+    assert httpx.get(_front(app_name), timeout=5).status_code == 200
+
+
+def test_no_traffic_is_inconclusive_and_a_verified_person_decides(
+    prefect_harness: None, stable: BuildResult, app_repo: AppRepo, app_name: str,
+    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
+    tmp_path: Path,
+) -> None:
+    secret = pyotp.random_base32()
+    approvers = tmp_path / "deploy" / "approvers.toml"
+    approvers.parent.mkdir(mode=0o700)
+    approvers.write_text(f'[[approver]]\nname = "olga"\ngroups = ["on-call"]\ntotp_secret = "{secret}"\n')
+    approvers.chmod(0o600)
+    v2 = _build(app_repo, app_name, build_creds, "quiet", MESSAGE='"quiet v2"')
+    events = Events()
+
+    @flow(name="canary-decision-under-test")
+    def quiet_rollout() -> str:
+        def person(verdict: Any) -> Any:
+            return ask_person(
+                verdict, app=app_name, environment="dev", digest=v2.image.digest,
+                directory=ApproverDirectory.load(approvers), policy=None,
+                replay=FileReplayStore(tmp_path / "replay.json"), record=events,
+                poll_interval=1, timeout=__import__("datetime").timedelta(minutes=2))
+        deployment, report = _rollout(v2, app_name, deploy_creds, traffic, events, load=False,
+                                      on_inconclusive=person)
+        return f"{report.phase.value} by {report.decided_by}"
+
+    resumer = Resumer(f"{app_name}-quiet")
+    thread = resumer.play([
+        lambda: {"approver": "olga", "code": "000000" if pyotp.TOTP(secret).now() != "000000" else "111111",
+                 "decision": "promote", "comment": "forged"},
+        lambda: {"approver": "olga", "code": pyotp.TOTP(secret).now(), "decision": "promote",
+                 "comment": "checked the dashboards"},
+    ])
+    outcome = quiet_rollout.with_options(flow_run_name=f"{app_name}-quiet")()
+    thread.join(30)
+    assert resumer.error is None, resumer.error
+    assert outcome == "Successful by olga"
+    assert "Inconclusive" in resumer.descriptions[0]
+    assert "Refused" in resumer.descriptions[1]
+    assert ("canary.decision-refused" in events.names()) and ("canary.decision" in events.names())
+    assert "quiet v2" in httpx.get(_front(app_name), timeout=5).text

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
@@ -43,12 +44,29 @@ from portcullis.chain import newest_passed
 from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.incidents import check_emergency_ticket
 from portcullis.models import ImageRef
+from portcullis.pins import PinStore
 from portcullis.policy import load_policy
 from portcullis.reviews import REPORT_ARTIFACT_KEY, ReviewStore, render_report
 from portcullis.settings import Settings
 from tasks.gates import RunAudit, freeze_checker, freeze_gate, open_audit_log
 
 BUILD_DEPLOYMENT = "build-release/build"
+#: How often promote-dev asks whether the build run finished (Prefect's default is 5 s).
+BUILD_POLL_SECONDS = 1
+
+
+def _held_by_pin(app: str, environment: str, settings: Settings, audit: RunAudit) -> bool:
+    """True (and recorded) when a schedule fired for an environment pinned by a rollback."""
+    pin = PinStore(settings.home / "pins").get(app, environment)
+    if pin is None:
+        return False
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.get_id())
+    if not run.auto_scheduled:
+        return False  # a person started this run: promoting over a pin is their decision
+    audit.record("promotion.skipped", reason=f"pinned at {pin.digest} by {pin.pinned_by}: {pin.reason}")
+    print(f"{app} in {environment} is pinned at {pin.digest} ({pin.reason}); the schedule skips it")
+    return True
 
 
 def _side(expected: str) -> None:
@@ -86,7 +104,7 @@ def build_release(
 
 def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, context_path: str) -> BuiltEvidence:
     run = run_deployment(
-        BUILD_DEPLOYMENT, timeout=1800, as_subflow=True,
+        BUILD_DEPLOYMENT, timeout=1800, poll_interval=BUILD_POLL_SECONDS, as_subflow=True,
         parameters={"app": app, "source_repo": source_repo, "commit": commit, "ref": ref,
                     "context_path": context_path, "environment": "dev"},
     )
@@ -104,7 +122,7 @@ def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, cont
 def promote_dev(
     app: str = "hello", source_repo: str = ".", commit: str = "HEAD", ref: str = "main",
     context_path: str = "examples/hello", requested_by: str = "scheduler",
-) -> PromotionResult:
+) -> PromotionResult | None:
     """Deploy side: build on the build pool, then gate and deploy to dev.
 
     Args:
@@ -116,11 +134,13 @@ def promote_dev(
         requested_by: who triggered it; they can never approve it.
 
     Returns:
-        The promotion's result.
+        The promotion's result, or None when a rollback pin held the environment.
     """
     _side("deploy")
     settings, policy, audit = start_run(app, "dev", requested_by, commit=commit)
     with refusals_recorded(audit):
+        if _held_by_pin(app, "dev", settings, audit):
+            return None
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
         built = _build_on_build_pool(app, source_repo, commit, ref, context_path)
         audit.record("build.received", image=str(built.build.image), scan=built.scan.summary)
@@ -132,6 +152,8 @@ def _promote_passed(app: str, environment: str, image: str | None, requested_by:
     _side("deploy")
     settings, policy, audit = start_run(app, environment, requested_by, image=image)
     with refusals_recorded(audit):
+        if _held_by_pin(app, environment, settings, audit):
+            return None
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
         if image is None:
             # A schedule fired: take the newest digest that passed the environment before.
@@ -224,6 +246,7 @@ def emergency_promote(
 @flow(name="post-incident-reviews", log_prints=True)
 def post_incident_reviews() -> int:
     """Scheduled: publish the post-incident review status; returns how many are overdue."""
+    _side("deploy")
     settings = Settings()
     store = ReviewStore(settings.home / "reviews")
     now = datetime.now(UTC)

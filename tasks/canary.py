@@ -271,3 +271,41 @@ def _deployment(image: ImageRef, app: str, environment: str, container: object, 
         container_name=str(container.name), url=url, previous_digest=previous,  # type: ignore[attr-defined]
         commit=commit, deployed_at=datetime.now(UTC),
     )
+
+
+def switch_to(
+    image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
+    router: Router | None, record: Record, approved_by: str = "", health_timeout: float = 60.0,
+) -> Deployment:
+    """Replace the serving version with ``image`` at once (no canary): the rollback path.
+
+    The new container starts in the free slot and must be healthy before the router moves
+    stable to it; the old container is retired after requests in flight on it have finished,
+    so the switch itself fails no request.
+    """
+    plan = port_plan(app, environment)
+    client = creds.docker_client()
+    try:
+        pull_image(client, image, creds)
+        live = find_live(client, app, environment)
+        slot = live.slot.other() if live else Slot.BLUE
+        candidate = start_candidate(client, image, app, environment, slot, commit=commit,
+                                    previous_digest=live.digest if live else None,
+                                    approved_by=approved_by, health_timeout=health_timeout)
+        port = plan.slot_port(slot)
+        if router is not None:
+            router.ensure_route(app, environment, listen_port=plan.front,
+                                stable_port=plan.slot_port(live.slot) if live else port,
+                                health_path=HEALTH_PATH)
+            router.disable_canary(app, environment)
+            router.point_server(app, environment, ServerRole.STABLE, port)
+            url = f"http://{creds.public_host}:{plan.front}/"
+        else:
+            url = f"http://{creds.public_host}:{port}/"
+        time.sleep(1.0)  # let requests in flight on the old version finish
+        retire_others(client, app, environment, keep=str(candidate.id))
+        record("deploy.switched", to=image.digest, previous=live.digest if live else None)
+        return _deployment(image, app, environment, candidate, url,
+                           live.digest if live else None, commit)
+    finally:
+        client.close()

@@ -1,0 +1,98 @@
+"""Manual rollback: return an environment to its previous good digest and pin it there.
+
+The previous digest is the one recorded on the serving container when it replaced the
+version before it. It is verified again (signature, provenance, SBOM, scan) before it runs:
+a rollback never deploys what would not pass verification today. The pin stops scheduled
+promotions from undoing the rollback until someone clears it with ``clear-pin``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from blocks.credentials import DeployCredentials
+from flows.promote import _verify, refusals_recorded, start_run
+from infra.haproxy import Router
+from portcullis.errors import PolicyRefusal
+from portcullis.models import Deployment, ImageRef
+from portcullis.pins import Pin, PinStore
+from tasks.canary import switch_to
+from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
+from tasks.gates import environment_lock
+
+Environment = Literal["dev", "staging", "prod"]
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(
+    app: str, environment: Environment, reason: str, requested_by: str,
+    deploy_credentials_block: str | None = None,
+) -> Deployment:
+    """Roll ``app`` in ``environment`` back to the digest it ran before, and pin it.
+
+    Args:
+        app: application name.
+        environment: dev, staging or prod.
+        reason: why (kept in the audit trail and on the pin).
+        requested_by: who asked; recorded as the pin's owner.
+        deploy_credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
+
+    Returns:
+        What runs now.
+    """
+    if not reason.strip():
+        raise PolicyRefusal("a rollback needs a reason")
+    settings, policy, audit = start_run(app, environment, requested_by, rollback_reason=reason)
+    with refusals_recorded(audit):
+        creds = DeployCredentials.resolve(deploy_credentials_block)
+        client = creds.docker_client()
+        try:
+            live = find_live(client, app, environment)
+        finally:
+            client.close()
+        if live is None:
+            raise PolicyRefusal(f"nothing of {app} runs in {environment}: nothing to roll back")
+        previous = live.container.labels.get(LABEL_PREVIOUS) or ""
+        if not previous:
+            raise PolicyRefusal(
+                f"{app} in {environment} has no previous digest recorded: it is the first deploy",
+            )
+        current = ImageRef.parse(str(live.container.attrs["Config"]["Image"]))
+        target = current.model_copy(update={"digest": previous})
+        audit.digest = target.digest
+        with environment_lock(environment, audit):
+            checks = _verify(target, policy, audit, deploy_credentials_block, "rollback")
+            commit = next(c.facts for c in checks if c.check == "provenance")["commit"]
+            audit.commit = commit
+            router = Router(settings.router_dir)
+            deployment = switch_to(
+                target, app, environment, commit, creds,
+                router=router if router.running() and policy.canary is not None else None,
+                record=audit.record,
+            )
+            audit.record("rollback.completed", rolled_back_from=live.digest, url=deployment.url,
+                         reason=reason, commit_before=live.container.labels.get(LABEL_REVISION))
+        PinStore(settings.home / "pins").pin(Pin(
+            app=app, environment=environment, digest=target.digest, pinned_by=requested_by,
+            reason=reason,
+        ))
+        audit.record("environment.pinned", actor=requested_by, reason=reason)
+        print(f"{app} in {environment} rolled back to {target.digest} and pinned")
+        return deployment
+
+
+@flow(name="clear-pin", log_prints=True)
+def clear_pin(app: str, environment: Environment, requested_by: str) -> str:
+    """Let scheduled promotions touch ``app`` in ``environment`` again.
+
+    Returns:
+        The digest the pin held.
+    """
+    settings, _, audit = start_run(app, environment, requested_by, clear_pin=True)
+    with refusals_recorded(audit):
+        pin = PinStore(settings.home / "pins").clear(app, environment)
+        audit.digest = pin.digest
+        audit.record("environment.unpinned", actor=requested_by, pinned_by=pin.pinned_by)
+        return pin.digest

@@ -1,0 +1,96 @@
+"""Manual rollback through the real flows, behind the real router, under load.
+
+Given v1 and then v2 promoted to dev (v2 through the canary), when someone rolls dev back,
+then v1 (verified again) serves, not one request fails during the switch, the environment is
+pinned against schedules, and clearing the pin is recorded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from flows.promote import promote
+from flows.rollback import clear_pin, rollback
+from infra.prometheus import free_tcp_port
+from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
+from portcullis.audit import AuditLog
+from portcullis.canary.loadgen import LoadResult, run_load
+from portcullis.environments import port_plan
+from portcullis.errors import PolicyRefusal
+from portcullis.pins import PinStore
+from tests.conftest import AppRepo, PipelineEnv
+
+pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
+              pytest.mark.timeout(600)]
+
+
+@pytest.fixture()
+def traffic(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+            pipeline_env: PipelineEnv) -> Iterator[Traffic]:
+    state = tmp_path_factory.mktemp("traffic")
+    ports = TrafficPorts(free_tcp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port())
+    traffic = ensure_traffic(state, ports)
+    monkeypatch.setenv("PORTCULLIS_TRAFFIC_DIR", str(state))
+    monkeypatch.setenv("PORTCULLIS_PROMETHEUS_URL", traffic.prometheus_url)
+    monkeypatch.setenv("PORTCULLIS_CANARY_SYNTHETIC_LOAD", "true")
+    yield traffic
+    stop_traffic(state)
+
+
+def _promote(repo: AppRepo, app: str) -> Any:
+    return promote(app=app, environment="dev", source_repo=str(repo.path), commit="HEAD",
+                   ref="main", context_path=".")
+
+
+def test_rollback_serves_the_previous_digest_without_failing_a_request_and_pins_it(
+    prefect_harness: None, pipeline_env: PipelineEnv, traffic: Traffic, app_repo: AppRepo,
+    app_name: str,
+) -> None:
+    v1 = _promote(app_repo, app_name)
+    app_repo.commit_config("v2", MESSAGE='"hello v2"')
+    v2 = _promote(app_repo, app_name)
+    assert v2.canary is not None and v2.canary.phase.value == "Successful"
+    front = f"http://127.0.0.1:{port_plan(app_name, 'dev').front}/cgi-bin/hello"
+    assert "hello v2" in httpx.get(front, timeout=5).text
+
+    load: list[LoadResult] = []
+    loader = threading.Thread(target=lambda: load.append(
+        run_load(front, duration_seconds=12, connections=4)))
+    loader.start()
+    deployment = rollback(app=app_name, environment="dev", reason="v2 broke checkout",
+                          requested_by="oncall-olga")
+    loader.join(30)
+
+    assert deployment.image.digest == v1.image.digest
+    assert deployment.previous_digest == v2.image.digest
+    assert "hello from portcullis" in httpx.get(front, timeout=5).text
+    result = load[0]
+    print(f"\nFIGURE rollback under load: {result.requests} requests, "
+          f"{result.http_errors} HTTP errors, {result.socket_errors} socket errors")
+    assert result.requests > 100
+    assert result.http_errors == 0 and result.socket_errors == 0
+
+    pin = PinStore(pipeline_env.home / "pins").get(app_name, "dev")
+    assert pin is not None and pin.digest == v1.image.digest and pin.pinned_by == "oncall-olga"
+    events = [r.event for r in AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+              if r.app == app_name]
+    assert "rollback.completed" in events and "environment.pinned" in events
+
+    assert clear_pin(app=app_name, environment="dev", requested_by="oncall-olga") == v1.image.digest
+    assert PinStore(pipeline_env.home / "pins").get(app_name, "dev") is None
+    with pytest.raises(PolicyRefusal, match="not pinned"):
+        clear_pin(app=app_name, environment="dev", requested_by="oncall-olga")
+
+
+def test_rollback_of_a_first_deploy_is_refused(
+    prefect_harness: None, pipeline_env: PipelineEnv, traffic: Traffic, app_repo: AppRepo,
+    app_name: str,
+) -> None:
+    _promote(app_repo, app_name)
+    with pytest.raises(PolicyRefusal, match="first deploy"):
+        rollback(app=app_name, environment="dev", reason="test", requested_by="olga")

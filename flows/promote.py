@@ -111,6 +111,9 @@ def summary_markdown(result: PromotionResult) -> str:
         ("policy sha256", f"`{result.policy_sha256[:16]}`"),
         ("deployed at", deployment.deployed_at.isoformat()),
     ]
+    if result.canary is not None:
+        rows.append(("canary", f"{result.canary.phase.value} (decided by {result.canary.decided_by})"))
+        rows.extend((f"canary step {i}", step) for i, step in enumerate(result.canary.steps))
     if result.built is not None:
         t = result.built.timings
         rows.insert(4, ("scan", result.built.scan.summary))

@@ -35,6 +35,12 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  image   {deployment.image}")
     for check in result.verification:
         print(f"  verified {check.check}: {check.detail}")
+    if result.canary is not None:
+        print(f"  canary  {result.canary.phase.value}, decided by {result.canary.decided_by}")
+        for step in result.canary.steps:
+            print(f"          {step[:150]}")
+    else:
+        print("  canary  none: first deploy of this app here, nothing to compare with")
     if result.built is not None:
         t = result.built.timings
         print(f"  scan    {result.built.scan.summary}")

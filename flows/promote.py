@@ -22,7 +22,7 @@ from typing import Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from pydantic import JsonValue
+from pydantic import Field, JsonValue
 
 from blocks.credentials import DeployCredentials
 from infra.haproxy import Router
@@ -36,6 +36,7 @@ from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.chain import COMPLETED, passed_in
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
+from portcullis.gitops import GitOpsCommit
 from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
 from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict, Severity
@@ -46,6 +47,7 @@ from tasks.build import build_image
 from tasks.canary import CanaryReport, ask_person, rollout
 from tasks.deploy import deploy
 from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
+from tasks.gitops import commit_promotion
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -91,7 +93,8 @@ class PromotionResult(Frozen):
     built: BuiltEvidence | None
     verification: tuple[CheckResult, ...]
     approved_by: tuple[str, ...]
-    deployment: Deployment
+    deployment: Deployment | None = Field(description="what runs, for Docker targets")
+    gitops: GitOpsCommit | None = Field(default=None, description="the overlay commit, for GitOps targets")
     canary: CanaryReport | None = None
     policy_sha256: str
 
@@ -99,6 +102,7 @@ class PromotionResult(Frozen):
 def summary_markdown(result: PromotionResult) -> str:
     """The promotion summary shown as a Prefect artifact."""
     deployment = result.deployment
+    gitops = result.gitops
     rows = [
         ("app", result.app),
         ("environment", result.environment),
@@ -106,10 +110,11 @@ def summary_markdown(result: PromotionResult) -> str:
         ("commit", f"`{result.commit}`"),
         *[(f"verified: {c.check}", c.detail) for c in result.verification],
         ("approved by", ", ".join(result.approved_by) or "no approval required"),
-        ("running at", deployment.url),
-        ("rollback target", f"`{deployment.previous_digest}`" if deployment.previous_digest else "none (first deploy)"),
+        ("running at", deployment.url if deployment else f"GitOps: {gitops.pushed_to if gitops else '?'}"),
+        ("rollback target", f"`{deployment.previous_digest}`" if deployment and deployment.previous_digest
+         else ("revert of the overlay commit" if gitops else "none (first deploy)")),
         ("policy sha256", f"`{result.policy_sha256[:16]}`"),
-        ("deployed at", deployment.deployed_at.isoformat()),
+        ("deployed at", deployment.deployed_at.isoformat() if deployment else "applied by the GitOps controller"),
     ]
     if result.canary is not None:
         rows.append(("canary", f"{result.canary.phase.value} (decided by {result.canary.decided_by})"))
@@ -246,28 +251,39 @@ def deploy_side(
         freeze("before-traffic")
         checks = _verify(image, policy, audit, deploy_block, "after-lock")
         canary_report: CanaryReport | None = None
-        if policy.canary is None:
+        gitops: GitOpsCommit | None = None
+        deployment: Deployment | None = None
+        if policy.target == "gitops":
+            # Pull-based: the controller in the cluster applies what this commit pins.
+            gitops = commit_promotion(app, environment, image, provenance["commit"],
+                                      flow_run.get_flow_run_ui_url() or str(flow_run.get_id()),
+                                      list(approved_by))
+        elif policy.canary is None:
             deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
                                 approved_by=",".join(approved_by))
         else:
             deployment, canary_report = _canary(
                 image, app, environment, provenance["commit"], deploy_creds, policy, settings,
                 audit, ",".join(approved_by))
-        audit.record(COMPLETED, image=str(image), url=deployment.url,
-                     container=deployment.container_name,
-                     previous_digest=deployment.previous_digest, approved_by=list(approved_by),
+        audit.record(COMPLETED, image=str(image), approved_by=list(approved_by),
+                     url=deployment.url if deployment else None,
+                     container=deployment.container_name if deployment else None,
+                     previous_digest=deployment.previous_digest if deployment else None,
+                     gitops_commit=gitops.sha if gitops else None,
                      ticket=emergency.ticket if emergency else None)
 
     result = PromotionResult(
         app=app, environment=environment, image=image, commit=provenance["commit"],
         built=built, verification=tuple(checks), approved_by=approved_by,
-        deployment=deployment, canary=canary_report, policy_sha256=policy.policy_sha256,
+        deployment=deployment, gitops=gitops, canary=canary_report,
+        policy_sha256=policy.policy_sha256,
     )
     create_markdown_artifact(
         markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
         description=f"{app} {image.digest[:19]} promoted to {environment}",
     )
-    print(f"{app} {image} runs in {environment} at {deployment.url}")
+    where = deployment.url if deployment else f"GitOps commit {gitops.sha[:12] if gitops else '?'}"
+    print(f"{app} {image} promoted to {environment}: {where}")
     return result
 
 

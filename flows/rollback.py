@@ -11,16 +11,20 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from blocks.credentials import DeployCredentials
 from flows.promote import _verify, refusals_recorded, start_run
 from infra.haproxy import Router
 from portcullis.errors import PolicyRefusal
+from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
 from portcullis.pins import Pin, PinStore
+from portcullis.settings import Settings
 from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
-from tasks.gates import environment_lock
+from tasks.gates import RunAudit, environment_lock
+from tasks.gitops import revert_promotion
 
 Environment = Literal["dev", "staging", "prod"]
 
@@ -29,7 +33,7 @@ Environment = Literal["dev", "staging", "prod"]
 def rollback(
     app: str, environment: Environment, reason: str, requested_by: str,
     deploy_credentials_block: str | None = None,
-) -> Deployment:
+) -> Deployment | GitOpsCommit:
     """Roll ``app`` in ``environment`` back to the digest it ran before, and pin it.
 
     Args:
@@ -40,12 +44,14 @@ def rollback(
         deploy_credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
 
     Returns:
-        What runs now.
+        What runs now (Docker targets), or the revert commit (GitOps targets).
     """
     if not reason.strip():
         raise PolicyRefusal("a rollback needs a reason")
     settings, policy, audit = start_run(app, environment, requested_by, rollback_reason=reason)
     with refusals_recorded(audit):
+        if policy.target == "gitops":
+            return _rollback_gitops(app, environment, reason, requested_by, settings, audit)
         creds = DeployCredentials.resolve(deploy_credentials_block)
         client = creds.docker_client()
         try:
@@ -81,6 +87,21 @@ def rollback(
         audit.record("environment.pinned", actor=requested_by, reason=reason)
         print(f"{app} in {environment} rolled back to {target.digest} and pinned")
         return deployment
+
+
+def _rollback_gitops(app: str, environment: str, reason: str, requested_by: str,
+                     settings: Settings, audit: RunAudit) -> GitOpsCommit:
+    # Pull-based: rolling back is a revert commit the controller applies.
+    with environment_lock(environment, audit):
+        commit = revert_promotion(environment, reason, flow_run.get_flow_run_ui_url())
+        audit.digest = commit.digest
+        audit.record("rollback.completed", gitops_commit=commit.sha, reason=reason)
+    PinStore(settings.home / "pins").pin(Pin(
+        app=app, environment=environment, digest=commit.digest, pinned_by=requested_by,
+        reason=reason,
+    ))
+    audit.record("environment.pinned", actor=requested_by, reason=reason)
+    return commit
 
 
 @flow(name="clear-pin", log_prints=True)

@@ -48,7 +48,7 @@ def wait_until(probe: Callable[[], bool], *, timeout: float, interval: float = 0
         try:
             if probe():
                 return True
-        except Exception:  # noqa: BLE001 - a probe failing just means "not ready yet"
+        except Exception:  # noqa: BLE001, S110 - a probe failing just means "not ready yet"
             pass
         if time.monotonic() >= deadline:
             return False

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 from portcullis.scan import Severity
 from portcullis.signing.cosign_format import generate_key_pair, write_key_pair
+from portcullis.toolrun import run_tool
 from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
 
 DEMO_ADVISORIES = (
@@ -59,3 +61,25 @@ def ensure_trivy_db(cache_dir: Path) -> Path:
 def trusted_keys_env(public_pem: str) -> str:
     """The deploy side's trusted keys as pydantic-settings reads a list from the environment."""
     return json.dumps([public_pem])
+
+
+def ensure_gitops_repo(state_dir: Path, example: Path) -> str:
+    """A local bare repository standing in for the team's GitOps repository (prod overlays).
+
+    Seeded once from ``examples/gitops``; Argo CD or Flux would watch it in a real cluster.
+    Returns its URL.
+    """
+    bare = state_dir / "gitops.git"
+    if not (bare / "HEAD").exists():
+        seed = state_dir / "gitops-seed"
+        if seed.exists():
+            shutil.rmtree(seed)
+        shutil.copytree(example, seed)
+        env = {"GIT_AUTHOR_NAME": "Portcullis stack", "GIT_AUTHOR_EMAIL": "stack@localhost",
+               "GIT_COMMITTER_NAME": "Portcullis stack", "GIT_COMMITTER_EMAIL": "stack@localhost"}
+        for argv in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                     ["git", "commit", "-q", "-m", "seed overlays from examples/gitops"]):
+            run_tool(argv, timeout=60, cwd=str(seed), env=env)
+        run_tool(["git", "clone", "-q", "--bare", str(seed), str(bare)], timeout=60)
+        shutil.rmtree(seed)
+    return f"file://{bare}"

@@ -15,14 +15,19 @@ import os
 import secrets
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import docker
 
 from infra import prefect_server, registry
 from infra.base_image import ensure_base_image
-from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
+from infra.demo_data import (
+    ensure_gitops_repo,
+    ensure_signing_keys,
+    ensure_trivy_db,
+    trusted_keys_env,
+)
 from infra.docker_engine import ensure_engine, stop_private_engine
 from infra.traffic import TrafficPorts, ensure_traffic, stop_traffic
 from portcullis.errors import PortcullisError
@@ -38,9 +43,8 @@ class StackConfig:
     registry_port: int = 5000
     prefect_port: int = 4200
     with_prefect: bool = True
-    traffic_ports: TrafficPorts = TrafficPorts(
-        syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090
-    )
+    traffic_ports: TrafficPorts = field(default_factory=lambda: TrafficPorts(
+        syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090))
 
     @classmethod
     def from_env(cls) -> StackConfig:
@@ -71,6 +75,7 @@ class StackInfo:
     cosign_password: str
     cosign_public_key: str
     prometheus_url: str
+    gitops_repo: str
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -93,6 +98,8 @@ class StackInfo:
             # The local stack has no users: drive requests through the router during canary
             # windows so the analysis has traffic to judge.
             "PORTCULLIS_CANARY_SYNTHETIC_LOAD": "true",
+            "PORTCULLIS_GITOPS_REPO_URL": self.gitops_repo,
+            "PORTCULLIS_GITOPS_WORKDIR": f"{self.state_dir}/gitops-work",
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
@@ -129,6 +136,7 @@ def up(config: StackConfig) -> StackInfo:
     private_pem, key_password, public_pem = ensure_signing_keys(state)
     ensure_trivy_db(state / "trivy")
     traffic = ensure_traffic(state / "traffic", config.traffic_ports)
+    gitops_repo = ensure_gitops_repo(state, REPO_ROOT / "examples" / "gitops")
     info = StackInfo(
         docker_host=engine.host,
         docker_private=engine.private,
@@ -145,6 +153,7 @@ def up(config: StackConfig) -> StackInfo:
         cosign_password=key_password,
         cosign_public_key=public_pem,
         prometheus_url=traffic.prometheus_url,
+        gitops_repo=gitops_repo,
     )
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"
@@ -174,6 +183,7 @@ def _describe(info: StackInfo) -> str:
         f"registry        http://{info.registry}  (accounts: builder=push, deployer=pull)",
         f"prefect server  {info.prefect_api_url or 'not started'}",
         f"prometheus      {info.prometheus_url}  (scrapes the HAProxy router and its latency log)",
+        f"gitops repo     {info.gitops_repo}  (prod overlays; Argo CD/Flux would apply them)",
         f"base image      {info.base_image_id}",
     ]
     return "\n".join(lines)

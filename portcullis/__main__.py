@@ -28,6 +28,9 @@ def _demo(args: argparse.Namespace) -> int:
         ref=args.ref, context_path=args.context_path,
     )
     deployment = result.deployment
+    if deployment is None:
+        print(f"\n{args.app} promoted to {args.environment} by GitOps commit {result.gitops}")
+        return 0
     import httpx
 
     answer = httpx.get(deployment.url + "cgi-bin/hello", timeout=5)

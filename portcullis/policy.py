@@ -14,7 +14,7 @@ import hashlib
 import tomllib
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -49,6 +49,11 @@ class EnvironmentPolicy(Frozen):
         default=None,
         description="the shorter rule for the emergency path (e.g. one on-call approver); "
         "None: this environment has no emergency path",
+    )
+    target: Literal["docker", "gitops"] = Field(
+        default="docker",
+        description="'docker': Portcullis runs the digest on the environment's Docker host; "
+        "'gitops': it commits the digest to the environment's overlay and Argo CD/Flux applies it",
     )
     canary: CanaryPolicy | None = Field(
         default=None,

@@ -9,13 +9,12 @@ environment variables through pydantic-settings: ``PORTCULLIS_BUILD_*`` and
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal
 
 import docker
-from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, ValidationError, create_model
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
 
+from blocks.base import EnvBlock
 from portcullis.errors import ConfigurationError
 from portcullis.evidence import (
     EvidenceSigner,
@@ -29,50 +28,12 @@ from portcullis.models import Frozen
 from portcullis.oci import RegistryClient
 
 
-class _CredentialsBlock(Block):
-    """Shared loading logic; every concrete field lives on the subclasses."""
+class _CredentialsBlock(EnvBlock):
+    """Registry and Docker helpers shared by both sides; every field lives on the subclasses."""
 
-    _env_prefix: ClassVar[str]
-
-    @classmethod
-    def from_env(cls) -> Self:
-        """Read this block's fields from ``<prefix><FIELD>`` environment variables."""
-        fields: dict[str, Any] = {
-            name: (info.annotation, info) for name, info in cls.model_fields.items()
-        }
-        settings_cls = create_model(  # type: ignore[call-overload]
-            f"{cls.__name__}Settings",
-            __base__=BaseSettings,
-            __config__=None,
-            **fields,
-        )
-        settings_cls.model_config = SettingsConfigDict(env_prefix=cls._env_prefix, extra="ignore")
-        try:
-            values = settings_cls()
-        except ValidationError as exc:
-            missing = ", ".join(
-                f"{cls._env_prefix}{'_'.join(str(p) for p in err['loc']).upper()}"
-                for err in exc.errors()
-            )
-            raise ConfigurationError(
-                f"{cls.__name__} not configured: missing or invalid {missing}",
-                hint="run `python -m infra.stack up` and `source .stack/env`, or name a saved block",
-            ) from None
-        return cls(**values.model_dump())
-
-    @classmethod
-    def resolve(cls, block_name: str | None) -> Self:
-        """Load the saved block ``block_name``, or from the environment when it is None."""
-        if block_name is None:
-            return cls.from_env()
-        try:
-            loaded = cls.load(block_name)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"{cls.__name__} block {block_name!r} cannot be loaded: {exc}",
-                hint="create it in the Prefect UI (Blocks) or with the Python API",
-            ) from None
-        return loaded  # type: ignore[no-any-return]
+    _env_hint: ClassVar[str] = (
+        "run `python -m infra.stack up` and `source .stack/env`, or name a saved block"
+    )
 
     def registry_auth(self) -> dict[str, str]:
         """Auth config for the Docker SDK (push or pull against ``registry``)."""

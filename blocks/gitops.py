@@ -17,17 +17,18 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
-from blocks.credentials import _CredentialsBlock
+from blocks.base import EnvBlock
 from portcullis.gitops import DEFAULT_AUTHOR, DEFAULT_OVERLAY_PATH, GitOpsTarget
 
 
-class GitOpsTargetBlock(_CredentialsBlock):
+class GitOpsTargetBlock(EnvBlock):
     """A Git repository whose environment overlays Argo CD or Flux applies."""
 
     _block_type_name = "Portcullis GitOps Target"
     _block_type_slug = "portcullis-gitops-target"
     _description = "Git repository, branch and overlay layout that promotions are committed to."
     _env_prefix: ClassVar[str] = "PORTCULLIS_GITOPS_"
+    _env_hint: ClassVar[str] = "set PORTCULLIS_GITOPS_REPO_URL (the local stack does), or name a saved block"
 
     repo_url: str = Field(
         description="The GitOps repository: https://..., ssh://... or a local path (tests, demo)."

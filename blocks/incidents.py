@@ -10,23 +10,24 @@ It is deploy-side configuration: only the deploy worker needs it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Self, assert_never
+from typing import ClassVar, Literal, Self, assert_never
 
-from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
 
-from portcullis.errors import ConfigurationError
+from blocks.base import EnvBlock
 from portcullis.incidents import IncidentSystem, ServiceNowIncidents
 
 
-class IncidentSystemBlock(Block):
+class IncidentSystemBlock(EnvBlock):
     """The incident system emergency tickets are checked against, and how to log in to it."""
 
     _block_type_name = "Portcullis Incident System"
     _block_type_slug = "portcullis-incident-system"
     _description = "Incident system (ServiceNow Table API) that emergency tickets are read from."
     _env_prefix: ClassVar[str] = "PORTCULLIS_INCIDENTS_"
+    _env_hint: ClassVar[str] = (
+        "set PORTCULLIS_INCIDENTS_BASE_URL and credentials, or name a saved block"
+    )
 
     kind: Literal["servicenow"] = Field(
         default="servicenow", description="Which incident API answers at base_url."
@@ -70,42 +71,3 @@ class IncidentSystemBlock(Block):
             case _:
                 assert_never(self.kind)
 
-    @classmethod
-    def from_env(cls) -> IncidentSystemBlock:
-        """Read this block's fields from ``PORTCULLIS_INCIDENTS_<FIELD>`` variables."""
-        fields: dict[str, Any] = {
-            name: (info.annotation, info) for name, info in cls.model_fields.items()
-        }
-        settings_cls = create_model(
-            f"{cls.__name__}Settings", __base__=BaseSettings, __config__=None, **fields
-        )
-        settings_cls.model_config = SettingsConfigDict(env_prefix=cls._env_prefix, extra="ignore")
-        try:
-            values = settings_cls()
-            return cls(**values.model_dump())
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{cls._env_prefix}{'_'.join(str(p) for p in err['loc']).upper() or '*'}: "
-                f"{err['msg']}"
-                for err in exc.errors()
-            )
-            raise ConfigurationError(
-                f"{cls.__name__} not configured: {problems}",
-                hint="set PORTCULLIS_INCIDENTS_BASE_URL and credentials, or name a saved block",
-            ) from None
-
-    @classmethod
-    def resolve(cls, block_name: str | None) -> IncidentSystemBlock:
-        """Load the saved block ``block_name``, or from the environment when it is None."""
-        if block_name is None:
-            return cls.from_env()
-        try:
-            loaded = cls.load(block_name)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"{cls.__name__} block {block_name!r} cannot be loaded: {exc}",
-                hint="create it in the Prefect UI (Blocks) or with the Python API",
-            ) from None
-        if not isinstance(loaded, cls):  # load() is typed loosely (sync or async callers)
-            raise ConfigurationError(f"block {block_name!r} is not an {cls.__name__}")
-        return loaded

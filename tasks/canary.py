@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import docker
+from docker.models.containers import Container
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
@@ -36,7 +37,7 @@ from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
 from portcullis.environments import Slot, port_plan
 from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.models import Deployment, Frozen, ImageRef
-from tasks.deploy import find_live, pull_image, retire_others, start_candidate
+from tasks.deploy import Live, find_live, pull_image, retire_others, start_candidate
 
 HEALTH_PATH = "/cgi-bin/healthz"
 LOAD_PATH = "/cgi-bin/hello"
@@ -160,13 +161,8 @@ def rollout(
     front = f"http://{creds.public_host}:{plan.front}/"
     client = creds.docker_client()
     try:
-        pull_image(client, image, creds)
-        live = find_live(client, app, environment)
-        slot = live.slot.other() if live else Slot.BLUE
-        candidate = start_candidate(client, image, app, environment, slot, commit=commit,
-                                    previous_digest=live.digest if live else None,
-                                    approved_by=approved_by, health_timeout=health_timeout)
-        port = plan.slot_port(slot)
+        live, candidate, port = _start_in_free_slot(
+            client, image, app, environment, commit, creds, approved_by, health_timeout)
         if live is None:
             router.ensure_route(app, environment, listen_port=plan.front, stable_port=port,
                                 health_path=HEALTH_PATH)
@@ -210,6 +206,20 @@ def rollout(
         )
     finally:
         client.close()
+
+
+def _start_in_free_slot(
+    client: docker.DockerClient, image: ImageRef, app: str, environment: str, commit: str,
+    creds: DeployCredentials, approved_by: str, health_timeout: float,
+) -> tuple[Live | None, Container, int]:
+    """Pull exactly the digest and start it, healthy, in the slot the serving version is not in."""
+    pull_image(client, image, creds)
+    live = find_live(client, app, environment)
+    slot = live.slot.other() if live else Slot.BLUE
+    candidate = start_candidate(client, image, app, environment, slot, commit=commit,
+                                previous_digest=live.digest if live else None,
+                                approved_by=approved_by, health_timeout=health_timeout)
+    return live, candidate, port_plan(app, environment).slot_port(slot)
 
 
 def _analyse(
@@ -286,13 +296,8 @@ def switch_to(
     plan = port_plan(app, environment)
     client = creds.docker_client()
     try:
-        pull_image(client, image, creds)
-        live = find_live(client, app, environment)
-        slot = live.slot.other() if live else Slot.BLUE
-        candidate = start_candidate(client, image, app, environment, slot, commit=commit,
-                                    previous_digest=live.digest if live else None,
-                                    approved_by=approved_by, health_timeout=health_timeout)
-        port = plan.slot_port(slot)
+        live, candidate, port = _start_in_free_slot(
+            client, image, app, environment, commit, creds, approved_by, health_timeout)
         if router is not None:
             router.ensure_route(app, environment, listen_port=plan.front,
                                 stable_port=plan.slot_port(live.slot) if live else port,

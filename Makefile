@@ -6,9 +6,12 @@ demo:
 	bash infra/bootstrap.sh
 	uv run python -m portcullis promote --app hello --environment dev
 
-# Run the whole test suite (unit and integration tests against real components).
+# Run the whole test suite (lint, strict types, then unit and integration tests against
+# real components).
 test:
 	bash infra/bootstrap.sh
+	uv run ruff check .
+	uv run mypy
 	uv run pytest
 
 stack-up:

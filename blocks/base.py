@@ -26,7 +26,7 @@ class EnvBlock(Block):
         fields: dict[str, Any] = {
             name: (info.annotation, info) for name, info in cls.model_fields.items()
         }
-        settings_cls = create_model(  # type: ignore[call-overload]
+        settings_cls = create_model(
             f"{cls.__name__}Settings", __base__=BaseSettings, __config__=None, **fields
         )
         settings_cls.model_config = SettingsConfigDict(env_prefix=cls._env_prefix, extra="ignore")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -61,7 +62,7 @@ def _held_by_pin(app: str, environment: str, settings: Settings, audit: RunAudit
     if pin is None:
         return False
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run.get_id())
+        run = client.read_flow_run(UUID(str(flow_run.get_id())))
     if not run.auto_scheduled:
         return False  # a person started this run: promoting over a pin is their decision
     audit.record("promotion.skipped", reason=f"pinned at {pin.digest} by {pin.pinned_by}: {pin.reason}")

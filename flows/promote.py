@@ -142,9 +142,10 @@ def build_with_evidence(
     sbom_path = work / "sbom.cdx.json"
     signed = sign_image_and_provenance.submit(build, block, flow_run.get_flow_run_ui_url())
     archive = export_image_archive.submit(build, work, block)
-    sbom = generate_sbom_task.submit(build.image, archive, sbom_path, settings.trivy_cache)
+    # Prefect resolves futures passed as arguments; its stubs only know plain values.
+    sbom = generate_sbom_task.submit(build.image, archive, sbom_path, settings.trivy_cache)  # type: ignore[call-overload]
     sbom_attested = attest_sbom.submit(build.image, sbom, block)
-    scanned = scan_task.submit(build.image, sbom_path, settings.trivy_cache, policy.scan,
+    scanned = scan_task.submit(build.image, sbom_path, settings.trivy_cache, policy.scan,  # type: ignore[call-overload]
                                wait_for=[sbom])
     scan_attested = attest_scan.submit(build.image, scanned, block)
     signature, provenance = signed.result()

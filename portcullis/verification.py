@@ -30,7 +30,9 @@ class CheckResult(Frozen):
 class Check(Protocol):
     """A deploy-side check of the evidence for one digest."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The check's name, as refusals and results report it."""
 
     def verify(self, image: ImageRef, evidence: EvidenceVerifier) -> list[CheckResult]:
         """Return what passed, or raise :class:`VerificationFailed`."""

@@ -11,6 +11,7 @@ and the stable side fails no request through any of it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,8 @@ def test_no_traffic_is_inconclusive_and_a_verified_person_decides(
                 verdict, app=app_name, environment="dev", digest=v2.image.digest,
                 directory=ApproverDirectory.load(approvers), policy=None,
                 replay=FileReplayStore(tmp_path / "replay.json"), record=events,
-                poll_interval=1, timeout=__import__("datetime").timedelta(minutes=2))
-        deployment, report = _rollout(v2, app_name, deploy_creds, traffic, events, load=False,
+                poll_interval=1, timeout=timedelta(minutes=2))
+        _, report = _rollout(v2, app_name, deploy_creds, traffic, events, load=False,
                                       on_inconclusive=person)
         return f"{report.phase.value} by {report.decided_by}"
 

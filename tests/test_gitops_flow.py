@@ -60,8 +60,8 @@ def test_promotion_commits_the_digest_and_rollback_reverts_it(
     prefect_harness: None, pipeline_env: PipelineEnv, gitops_repo: Path, app_repo: AppRepo,
     app_name: str, tmp_path: Path,
 ) -> None:
-    kw = dict(app=app_name, environment="dev", source_repo=str(app_repo.path), commit="HEAD",
-              ref="main", context_path=".")
+    kw = {"app": app_name, "environment": "dev", "source_repo": str(app_repo.path),
+          "commit": "HEAD", "ref": "main", "context_path": "."}
     first = promote(**kw)
     app_repo.commit_config("v2", MESSAGE='"v2"')
     second = promote(**kw)

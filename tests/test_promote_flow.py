@@ -17,7 +17,7 @@ import pytest
 
 from flows.promote import promote
 from portcullis.errors import PolicyRefusal
-from tasks.deploy import DeployFailed, LABEL_APP
+from tasks.deploy import LABEL_APP, DeployFailed
 from tests.conftest import AppRepo, PipelineEnv
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server]

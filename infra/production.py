@@ -9,8 +9,12 @@
 * the work pools ``portcullis-build`` and ``portcullis-deploy`` (type ``process``);
 * one process worker per pool, each with its own environment: the build worker sees only
   ``PORTCULLIS_BUILD_*`` variables, the deploy worker only ``PORTCULLIS_DEPLOY_*`` (plus the
-  deploy-side incident and approver settings), and each gets ``PORTCULLIS_WORKER_SIDE`` so a
-  task can assert where it runs (:func:`assert_worker_side`).
+  deploy-side incident, approver and canary settings); both see the shared, secret-free
+  settings (:data:`SHARED_VARIABLES`: home, policy directory, trivy cache, scratch space,
+  audit log, approval poll, flow code checkout) and one result store, so promote-dev on the
+  deploy pool can read the evidence of the build-release run it started on the build pool.
+  Each gets ``PORTCULLIS_WORKER_SIDE`` so a flow can assert where it runs
+  (:func:`assert_worker_side`).
 
 ``down`` stops what ``up`` started (workers, server, then the database); ``status`` reports
 what runs. State (database files, generated passwords in ``secrets.json`` mode 0600, logs)
@@ -54,8 +58,29 @@ POOLS: dict[Side, str] = {"build": "portcullis-build", "deploy": "portcullis-dep
 #: flow run cannot read deploy credentials and the other way round.
 SIDE_VARIABLES: dict[Side, tuple[str, ...]] = {
     "build": ("PORTCULLIS_BUILD_",),
-    "deploy": ("PORTCULLIS_DEPLOY_", "PORTCULLIS_INCIDENTS_", "PORTCULLIS_APPROVERS_FILE"),
+    "deploy": (
+        "PORTCULLIS_DEPLOY_",
+        "PORTCULLIS_INCIDENTS_",
+        "PORTCULLIS_APPROVERS_FILE",
+        # The canary's router state and metrics (locations, not secrets), deploy side only.
+        "PORTCULLIS_TRAFFIC_DIR",
+        "PORTCULLIS_PROMETHEUS_URL",
+        "PORTCULLIS_CANARY_SYNTHETIC_LOAD",
+    ),
 }
+
+#: Settings both sides read (where state, policies, the trivy DB, scratch space, the audit log
+#: and the flow code are; how often a paused approval polls). Locations and timings only:
+#: a variable holding a credential never belongs here.
+SHARED_VARIABLES: tuple[str, ...] = (
+    "PORTCULLIS_HOME",
+    "PORTCULLIS_POLICY_DIR",
+    "PORTCULLIS_TRIVY_CACHE_DIR",
+    "PORTCULLIS_WORK_DIR",
+    "PORTCULLIS_AUDIT_LOG",
+    "PORTCULLIS_APPROVAL_POLL_SECONDS",
+    "PORTCULLIS_REPO_DIR",
+)
 
 WORKER_SIDE_VAR = "PORTCULLIS_WORKER_SIDE"
 DB_NAME = "prefect"
@@ -96,16 +121,26 @@ class ProductionConfig:
     prefect_port: int = 4300
     #: Account PostgreSQL runs as when `up` runs as root (PostgreSQL refuses to run as root).
     postgres_user: str = "postgres"
+    #: How often each worker asks its pool for due runs (Prefect's default: 10 s). This is
+    #: most of the delay between triggering a run and its start.
+    worker_query_seconds: float = 10.0
+    #: How often the server's scheduler turns deployment schedules into runs (Prefect's
+    #: default: 60 s; a deployment changed in the last few seconds is scheduled sooner).
+    scheduler_loop_seconds: float = 60.0
 
     @classmethod
     def from_env(cls) -> ProductionConfig:
-        """Read ``PORTCULLIS_PRODUCTION_HOME``, ``..._PG_PORT`` and ``..._PREFECT_PORT``."""
+        """Read ``PORTCULLIS_PRODUCTION_HOME``, ``..._PG_PORT``, ``..._PREFECT_PORT`` and
+        ``..._WORKER_QUERY_SECONDS``."""
         return cls(
             state_dir=Path(
                 os.environ.get("PORTCULLIS_PRODUCTION_HOME", REPO_ROOT / ".production")
             ).resolve(),
             postgres_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PG_PORT", "5433")),
             prefect_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PREFECT_PORT", "4300")),
+            worker_query_seconds=float(
+                os.environ.get("PORTCULLIS_PRODUCTION_WORKER_QUERY_SECONDS", "10")
+            ),
         )
 
     @property
@@ -122,6 +157,12 @@ class ProductionConfig:
     def pg_socket_dir(self) -> Path:
         """Where the cluster puts its unix socket (not the system's /var/run/postgresql)."""
         return self.state_dir / "postgres" / "run"
+
+    @property
+    def results_dir(self) -> Path:
+        """Flow results both workers read: how promote-dev (deploy pool) receives the
+        BuiltEvidence of the build-release run it started on the build pool."""
+        return self.state_dir / "results"
 
 
 @dataclass(frozen=True)
@@ -382,6 +423,7 @@ def _ensure_server(config: ProductionConfig, made: _Secrets) -> int:
         f"@127.0.0.1:{config.postgres_port}/{DB_NAME}"
     )
     env["PREFECT_SERVER_API_AUTH_STRING"] = made.api_auth_string
+    env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = f"{config.scheduler_loop_seconds:g}"
     prefect = Path(sys.executable).with_name("prefect")
     return start_daemon(
         "prefect-server",
@@ -449,15 +491,26 @@ def _worker_online(config: ProductionConfig, made: _Secrets, side: Side) -> bool
     )
 
 
-def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
-    home = config.state_dir / f"worker-{side}"
-    env = _client_env(config, made, home)
+def _worker_env(config: ProductionConfig, made: _Secrets, side: Side) -> dict[str, str]:
+    """The Prefect settings a worker (and every flow run it starts) gets explicitly."""
+    env = _client_env(config, made, config.state_dir / f"worker-{side}")
     env[WORKER_SIDE_VAR] = side
+    env["PREFECT_WORKER_QUERY_SECONDS"] = f"{config.worker_query_seconds:g}"
+    # One result store for both sides. Only flows that ask for it persist their result
+    # (build-release does); task results stay in memory, so nothing a deploy task returns is
+    # written where the build side could read it.
+    env["PREFECT_LOCAL_STORAGE_PATH"] = str(config.results_dir)
+    return env
+
+
+def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
+    env = _worker_env(config, made, side)
+    config.results_dir.mkdir(mode=0o700, exist_ok=True)
     prefect = Path(sys.executable).with_name("prefect")
     return start_daemon(
         f"worker-{side}",
         [
-            *_clean_env_prefix(keep=SIDE_VARIABLES[side], setting=env),
+            *_clean_env_prefix(keep=SIDE_VARIABLES[side] + SHARED_VARIABLES, setting=env),
             str(prefect),
             "worker",
             "start",
@@ -575,7 +628,7 @@ def assert_worker_side(expected: Side, environ: Mapping[str, str] | None = None)
         case "build" | "deploy":
             if actual != expected:
                 raise ConfigurationError(
-                    f"this task must run on the {expected} side, but {WORKER_SIDE_VAR} is "
+                    f"this flow run must run on the {expected} side, but {WORKER_SIDE_VAR} is "
                     f"{actual!r}",
                     hint=f"run the deployment on the {POOLS[expected]} work pool",
                 )

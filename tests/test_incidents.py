@@ -1,23 +1,17 @@
 """Emergency tickets read over HTTP from a loopback server speaking ServiceNow's Table API.
 
-The server answers the documented shape: ``GET /api/now/table/incident`` with
-``sysparm_query``, ``sysparm_fields``, ``sysparm_display_value`` and
-``sysparm_exclude_reference_link``; ``{"result": [...]}`` on success; ``{"error": {"message",
-"detail"}, "status": "failure"}`` with 401 for missing or wrong credentials.
+The server (:mod:`tests.support.servicenow`) answers the documented shape: ``GET
+/api/now/table/incident`` with ``sysparm_query``, ``sysparm_fields``, ``sysparm_display_value``
+and ``sysparm_exclude_reference_link``; ``{"result": [...]}`` on success; ``{"error":
+{"message", "detail"}, "status": "failure"}`` with 401 for missing or wrong credentials.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import socket
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from pydantic import SecretStr
@@ -32,158 +26,10 @@ from portcullis.incidents import (
     ServiceNowIncidents,
     check_emergency_ticket,
 )
+from tests.support.servicenow import PASSWORD, TOKEN, USER, TableApi, incident_row, serve
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
-USER, PASSWORD, TOKEN = "portcullis.reader", "s3cret-pw", "oauth-token-123"
-STATES = {
-    "1": "New",
-    "2": "In Progress",
-    "3": "On Hold",
-    "5": "Awaiting Vendor",
-    "6": "Resolved",
-    "7": "Closed",
-    "8": "Canceled",
-}
-PRIORITIES = {
-    "1": "1 - Critical",
-    "2": "2 - High",
-    "3": "3 - Moderate",
-    "4": "4 - Low",
-    "5": "5 - Planning",
-}
-
-
-def incident_row(
-    number: str,
-    *,
-    state: str = "2",
-    priority: str = "1",
-    ci: str | None = "hello",
-    service: str | None = "Hello Web",
-    opened: datetime = NOW - timedelta(hours=3),
-) -> dict[str, Any]:
-    """A stored incident: each field as (stored value, display value, referenced table)."""
-    return {
-        "number": (number, number, None),
-        "sys_id": (f"{abs(hash(number)):032x}"[:32], f"{abs(hash(number)):032x}"[:32], None),
-        "state": (state, STATES[state], None),
-        "priority": (priority, PRIORITIES[priority], None),
-        "cmdb_ci": ("a1" * 16 if ci else "", ci or "", "cmdb_ci"),
-        "business_service": ("b2" * 16 if service else "", service or "", "cmdb_ci_service"),
-        "short_description": ("Checkout returns 502", "Checkout returns 502", None),
-        "opened_at": (
-            opened.strftime("%Y-%m-%d %H:%M:%S"),
-            # Display values are in the user's time zone; the stored value is UTC.
-            (opened + timedelta(hours=1)).strftime("%d.%m.%Y %H:%M:%S"),
-            None,
-        ),
-        "caller_id": ("c3" * 16, "Abel Tuter", "sys_user"),
-    }
-
-
-@dataclass
-class TableApi:
-    """What the loopback instance holds and how it behaves."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    requests: list[dict[str, list[str]]] = field(default_factory=list)
-    no_rows_status: int = 200  # some releases answer an empty query with 404
-    fail_with: int | None = None
-    forbidden_users: set[str] = field(default_factory=set)
-
-
-def _shape(
-    row: dict[str, Any], fields: list[str], display: str, exclude_links: bool, base: str
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in fields or list(row):
-        if name not in row:
-            continue
-        value, shown, ref_table = row[name]
-        if display == "all":
-            cell: dict[str, Any] = {"display_value": shown, "value": value}
-            if ref_table and value and not exclude_links:
-                cell["link"] = f"{base}/api/now/table/{ref_table}/{value}"
-            out[name] = cell
-        elif display == "true":
-            out[name] = shown
-        elif ref_table and value and not exclude_links:
-            out[name] = {"link": f"{base}/api/now/table/{ref_table}/{value}", "value": value}
-        else:
-            out[name] = value
-    return out
-
-
-def _handler(api: TableApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _send(self, status: int, body: object) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json;charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str, detail: str) -> None:
-            self._send(
-                status, {"error": {"message": message, "detail": detail}, "status": "failure"}
-            )
-
-        def _user(self) -> str | None:
-            header = self.headers.get("Authorization", "")
-            scheme, _, cred = header.partition(" ")
-            if scheme == "Bearer" and cred == TOKEN:
-                return "oauth"
-            if scheme == "Basic":
-                user, _, pw = base64.b64decode(cred).decode().partition(":")
-                if (user, pw) in ((USER, PASSWORD), ("no.role", PASSWORD)):
-                    return user
-            return None
-
-        def do_GET(self) -> None:
-            parts = urlsplit(self.path)
-            query = parse_qs(parts.query)
-            api.requests.append(query)
-            user = self._user()
-            if user is None:
-                self._error(401, "User Not Authenticated", "Required to provide Auth information")
-                return
-            if user == "no.role":
-                self._error(
-                    403,
-                    "Insufficient rights to query records",
-                    "Fields present in the query do not have permission to be read",
-                )
-                return
-            if api.fail_with is not None:
-                self._error(api.fail_with, "Service unavailable", "node is restarting")
-                return
-            if parts.path != "/api/now/table/incident":
-                self._error(400, f"Invalid table {parts.path.rsplit('/', 1)[-1]}", "null")
-                return
-            conditions = [
-                c.partition("=") for c in query.get("sysparm_query", [""])[0].split("^") if c
-            ]
-            rows = [r for r in api.rows if all(r.get(k, ("",))[0] == v for k, _, v in conditions)]
-            limit = int(query.get("sysparm_limit", ["10000"])[0])
-            rows = rows[:limit]
-            if not rows and api.no_rows_status == 404:
-                self._error(
-                    404,
-                    "No Record found",
-                    "Records matching query not found. Check query parameter or offset parameter",
-                )
-                return
-            fields = [f for f in query.get("sysparm_fields", [""])[0].split(",") if f]
-            display = query.get("sysparm_display_value", ["false"])[0]
-            exclude = query.get("sysparm_exclude_reference_link", ["false"])[0] == "true"
-            base = f"http://{self.headers.get('Host')}"
-            self._send(200, {"result": [_shape(r, fields, display, exclude, base) for r in rows]})
-
-    return Handler
+OPENED = NOW - timedelta(hours=3)
 
 
 @pytest.fixture()
@@ -191,24 +37,22 @@ def servicenow() -> Iterator[tuple[str, TableApi]]:
     """A ServiceNow-shaped Table API on a free loopback port, with a few incidents."""
     api = TableApi(
         rows=[
-            incident_row("INC0010001", state="2", priority="1"),
-            incident_row("INC0010002", state="7", priority="1"),
-            incident_row("INC0010003", state="6", priority="2"),
-            incident_row("INC0010004", state="1", priority="3"),
-            incident_row("INC0010005", state="3", priority="2", ci="billing", service="Billing"),
+            incident_row("INC0010001", state="2", priority="1", opened=OPENED),
+            incident_row("INC0010002", state="7", priority="1", opened=OPENED),
+            incident_row("INC0010003", state="6", priority="2", opened=OPENED),
+            incident_row("INC0010004", state="1", priority="3", opened=OPENED),
+            incident_row("INC0010005", state="3", priority="2", ci="billing", service="Billing",
+                         opened=OPENED),
             incident_row("INC0010006", state="2", priority="1", opened=NOW - timedelta(days=30)),
-            incident_row("INC0010007", state="5", priority="1"),
-            incident_row("INC0010008", state="8", priority="4", ci=None, service=None),
-            incident_row("INC0010009", state="1", priority="2", ci=None, service="hello"),
+            incident_row("INC0010007", state="5", priority="1", opened=OPENED),
+            incident_row("INC0010008", state="8", priority="4", ci=None, service=None,
+                         opened=OPENED),
+            incident_row("INC0010009", state="1", priority="2", ci=None, service="hello",
+                         opened=OPENED),
         ]
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(api))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", api
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serve(api) as url:
+        yield url, api
 
 
 def client(url: str, **kw: Any) -> ServiceNowIncidents:

@@ -41,7 +41,8 @@ def production(monkeypatch: pytest.MonkeyPatch) -> Iterator[ProductionConfig]:
     state = Path(tempfile.mkdtemp(prefix="portcullis-production-"))
     monkeypatch.setenv("PORTCULLIS_BUILD_PROBE", "build-only")
     monkeypatch.setenv("PORTCULLIS_DEPLOY_PROBE", "deploy-only")
-    monkeypatch.setenv("PORTCULLIS_HOME", "/nowhere")  # shared stack setting: seen by neither
+    monkeypatch.setenv("PORTCULLIS_HOME", "/srv/portcullis")  # shared setting: seen by both
+    monkeypatch.setenv("PORTCULLIS_STACK_PROBE", "local-stack-only")  # unlisted: seen by neither
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # must not leak into daemons
     config = ProductionConfig(state_dir=state, postgres_port=free_port(), prefect_port=free_port())
     try:
@@ -101,7 +102,10 @@ def test_up_brings_database_server_pools_and_workers(production: ProductionConfi
         assert env["PORTCULLIS_WORKER_SIDE"] == side
         assert env[f"PORTCULLIS_{side.upper()}_PROBE"] == f"{side}-only"
         assert f"PORTCULLIS_{other.upper()}_PROBE" not in env
-        assert "PORTCULLIS_HOME" not in env
+        assert env["PORTCULLIS_HOME"] == "/srv/portcullis"
+        assert "PORTCULLIS_STACK_PROBE" not in env
+        # One result store for both sides: how promote-dev reads the build's evidence.
+        assert env["PREFECT_LOCAL_STORAGE_PATH"] == str(production.results_dir)
         assert "PREFECT_API_DATABASE_CONNECTION_URL" not in env
         assert env["PREFECT_API_URL"] == api
         assert_worker_side(side, env)  # type: ignore[arg-type]

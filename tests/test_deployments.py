@@ -1,0 +1,466 @@
+"""The deployments in ``deployments.yaml`` on the production-like stack, end to end.
+
+Given PostgreSQL, a Prefect server on it and one process worker per pool (``infra.production``),
+the test registry and engine, an approvers file, a loopback ServiceNow instance and a prod
+freeze window that is active now, when ``prefect deploy --all`` registers the deployments and
+runs are triggered through the API or by a schedule, then:
+
+* promote-dev runs on the deploy pool, hands the build to build-release on the build pool,
+  receives its evidence through the shared result store and deploys an app that answers;
+* a schedule on the staging deployment creates a run that promotes the newest digest that
+  passed dev, after one approval given through the API;
+* staging refuses a digest that never passed dev;
+* emergency-promote goes through the prod freeze with a valid P1 ticket and one on-call
+  approval, records the bypass with the ticket and opens a post-incident review; a closed,
+  P3, unknown or mismatched ticket is refused with the reason;
+* a flow started on the other side's pool refuses to run.
+
+The stack, the deployments and the dev promotion are shared by the module (one build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pyotp
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
+from prefect.context import _temporary_global_settings_context, get_settings_context
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
+from infra.docker_engine import DockerEngine
+from infra.production import POOLS, ProductionConfig, Side, down, up
+from infra.registry import RunningRegistry, free_port
+from portcullis.audit import AuditLog, AuditRecord
+from portcullis.reviews import ReviewStore
+from tasks.deploy import LABEL_APP
+from tests.support.approval_driver import Resumer
+from tests.support.servicenow import PASSWORD, USER, TableApi, incident_row, serve
+
+pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
+              pytest.mark.timeout(600)]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {name: pyotp.random_base32() for name in ("alice", "bob", "carol", "dave")}
+GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call"}
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+GIT_ENV = {"GIT_AUTHOR_NAME": "Ada Author", "GIT_AUTHOR_EMAIL": "ada@example.com",
+           "GIT_COMMITTER_NAME": "Ada Author", "GIT_COMMITTER_EMAIL": "ada@example.com"}
+TICKETS = {"open-p1": "INC0020001", "closed": "INC0020002", "p3": "INC0020003",
+           "other-app": "INC0020004", "unknown": "INC0029999"}
+
+
+def _policies(directory: Path) -> None:
+    """dev: no approval; staging: one approval; prod: frozen now, with an on-call emergency
+    rule. No canary: the router and its analysis are tested in test_canary_rollout."""
+    directory.mkdir()
+    base = ('allowed_branches = ["main"]\nallowed_repositories = ["file://*"]\n'
+            '[scan]\nthreshold = "HIGH"\n')
+    (directory / "dev.toml").write_text('environment = "dev"\n' + base)
+    (directory / "staging.toml").write_text(
+        'environment = "staging"\npromote_from = "dev"\n' + base +
+        '[approval]\nrequired_approvals = 1\ntimeout = "PT5M"\n[freeze]\ncalendar = "off"\n')
+    (directory / "prod.toml").write_text(
+        'environment = "prod"\npromote_from = "staging"\n' + base +
+        '[approval]\nrequired_approvals = 2\nrequired_groups = ["security", "platform"]\n'
+        'timeout = "PT5M"\n'
+        '[emergency_approval]\nrequired_approvals = 1\neligible_groups = ["on-call"]\n'
+        'timeout = "PT5M"\n'
+        '[freeze]\ncalendar = "off"\n[[freeze.windows]]\nkind = "once"\nname = "launch-week"\n'
+        'reason = "marketing launch"\ntz = "UTC"\n'
+        'start = "2020-01-01T00:00:00"\nend = "2099-01-01T00:00:00"\n')
+
+
+def _approvers(path: Path) -> None:
+    path.parent.mkdir(mode=0o700)
+    path.write_text("".join(
+        f'[[approver]]\nname = "{n}"\ngroups = ["{GROUPS[n]}"]\naliases = ["{n}@example.com"]\n'
+        f'totp_secret = "{s}"\n\n' for n, s in SECRETS.items()))
+    path.chmod(0o600)
+
+
+def _app_repo(path: Path) -> None:
+    shutil.copytree(REPO_ROOT / "examples" / "hello", path)
+    env = {**os.environ, **GIT_ENV}
+    for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "hello v1"]):
+        subprocess.run(["git", "-C", str(path), *argv], check=True, env=env, capture_output=True)
+
+
+def form(name: str, digest: str) -> dict[str, Any]:
+    """An approval as the run's form takes it, with the approver's current TOTP code."""
+    return {"approver": name, "code": pyotp.TOTP(SECRETS[name]).now(),
+            "digest_prefix": digest[7:19], "decision": "approve", "comment": "looks good"}
+
+
+@dataclass
+class Stack:
+    """The running production-like stack and what the tests share."""
+
+    config: ProductionConfig
+    home: Path
+    app: str
+    app_repo: Path
+    incidents: TableApi
+    deploy_seconds: float
+    figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit log both workers append to."""
+        return AuditLog(self.home / "audit" / "audit.jsonl")
+
+    def records(self, event: str, environment: str | None = None) -> list[AuditRecord]:
+        """This app's audit records of one kind (in one environment)."""
+        return [r for r in self.audit.records() if r.app == self.app and r.event == event
+                and (environment is None or r.environment == environment)]
+
+    def worker_logs(self) -> str:
+        """The tail of both workers' logs, for failure messages."""
+        return "\n".join(
+            f"--- {side} worker ---\n" + (self.config.state_dir / f"worker-{side}.log")
+            .read_text(errors="replace")[-3000:] for side in POOLS)
+
+
+def _deploy(config: ProductionConfig, auth: str) -> float:
+    """``prefect deploy --all`` as an operator runs it, against this stack; returns seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_API_URL=config.api_url, PREFECT_API_AUTH_STRING=auth,
+               PREFECT_HOME=str(config.state_dir / "operator"), PORTCULLIS_REPO_DIR=str(REPO_ROOT))
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "--no-prompt", "deploy", "--all",
+         "--prefect-file", "deployments.yaml"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def stack(docker_engine: DockerEngine, registry: RunningRegistry,
+          docker_client: Any) -> Iterator[Stack]:
+    """The production-like stack with the test's engine, registry, policies and incidents."""
+    # mkdtemp under /tmp, not pytest's 0700 temp root: the postgres account must reach it.
+    state = Path(tempfile.mkdtemp(prefix="portcullis-deployments-"))
+    config = ProductionConfig(state_dir=state, postgres_port=free_port(),
+                              prefect_port=free_port(), worker_query_seconds=1,
+                              scheduler_loop_seconds=2)
+    home, policies, approvers = state / "home", state / "policies", state / "deploy" / "approvers.toml"
+    app, app_repo = f"t-{secrets.token_hex(3)}", state / "app"
+    _policies(policies)
+    _approvers(approvers)
+    _app_repo(app_repo)
+    private_pem, password, public_pem = ensure_signing_keys(home)
+    ensure_trivy_db(home / "trivy")
+    now = datetime.now(UTC)
+    incidents = TableApi(rows=[
+        incident_row(TICKETS["open-p1"], state="2", priority="1", ci=app, opened=now),
+        incident_row(TICKETS["closed"], state="7", priority="1", ci=app, opened=now),
+        incident_row(TICKETS["p3"], state="1", priority="3", ci=app, opened=now),
+        incident_row(TICKETS["other-app"], state="2", priority="1", ci="billing",
+                     service="Billing", opened=now),
+    ])
+    builder, deployer = registry.account("builder"), registry.account("deployer")
+    with serve(incidents) as incidents_url, pytest.MonkeyPatch.context() as mp:
+        # `up` hands each worker its side's variables and the shared ones from this
+        # environment; nothing else named PORTCULLIS_* reaches a worker.
+        for key, value in {
+            "PORTCULLIS_HOME": str(home),
+            "PORTCULLIS_POLICY_DIR": str(policies),
+            "PORTCULLIS_APPROVAL_POLL_SECONDS": "1",
+            "PORTCULLIS_REPO_DIR": str(REPO_ROOT),
+            "PORTCULLIS_BUILD_REGISTRY": registry.address,
+            "PORTCULLIS_BUILD_REGISTRY_USERNAME": builder.username,
+            "PORTCULLIS_BUILD_REGISTRY_PASSWORD": builder.password,
+            "PORTCULLIS_BUILD_DOCKER_HOST": docker_engine.host,
+            "PORTCULLIS_BUILD_SIGNING_MODE": "key",
+            "PORTCULLIS_BUILD_COSIGN_PRIVATE_KEY": private_pem,
+            "PORTCULLIS_BUILD_COSIGN_PASSWORD": password,
+            "PORTCULLIS_DEPLOY_REGISTRY": registry.address,
+            "PORTCULLIS_DEPLOY_REGISTRY_USERNAME": deployer.username,
+            "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deployer.password,
+            "PORTCULLIS_DEPLOY_DOCKER_HOST": docker_engine.host,
+            "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
+            "PORTCULLIS_INCIDENTS_BASE_URL": incidents_url,
+            "PORTCULLIS_INCIDENTS_USERNAME": USER,
+            "PORTCULLIS_INCIDENTS_PASSWORD": PASSWORD,
+            "PORTCULLIS_APPROVERS_FILE": str(approvers),
+        }.items():
+            mp.setenv(key, value)
+        mp.delenv("PORTCULLIS_REQUIRE_WORKER_SIDE", raising=False)
+        try:
+            started = time.monotonic()
+            up(config)
+            print(f"\nproduction stack up: {time.monotonic() - started:.1f}s")
+            auth = json.loads((state / "secrets.json").read_text())["api_auth_string"]
+            # The Resumer's thread reads the process-wide settings, not this context's.
+            with temporary_settings({PREFECT_API_URL: config.api_url,
+                                     PREFECT_API_AUTH_STRING: auth}), \
+                    _temporary_global_settings_context(get_settings_context()):
+                deployed = _deploy(config, auth)
+                print(f"prefect deploy --all: {deployed:.1f}s")
+                _pause_shipped_schedules()
+                yield Stack(config, home, app, app_repo, incidents, deployed)
+        finally:
+            down(config)
+            for container in docker_client.containers.list(
+                    all=True, filters={"label": f"{LABEL_APP}={app}"}):
+                container.remove(force=True)
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def _pause_shipped_schedules() -> None:
+    """Turn off every schedule deployments.yaml ships, so none fires during the test."""
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments()
+        assert {d.work_pool_name for d in deployments} == set(POOLS.values())
+        assert all(d.enforce_parameter_schema for d in deployments)
+        staging = client.read_deployment_by_name("promote-staging/staging")
+        # What deployments.yaml says arrived on the server.
+        assert [s.schedule.model_dump().get("cron") for s in staging.schedules] == ["0 22 * * 1-5"]
+        for deployment in deployments:
+            for schedule in deployment.schedules:
+                client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+
+
+def _trigger(client: SyncPrefectClient, deployment: str, name: str, **parameters: Any) -> FlowRun:
+    found = client.read_deployment_by_name(deployment)
+    return client.create_flow_run_from_deployment(found.id, parameters=parameters, name=name)
+
+
+def _wait(client: SyncPrefectClient, run_id: UUID, timeout: float = 240) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state_type is not None and run.state_type.value in FINAL:
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flow run {run.name} still {run.state_name} after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _runs_of(client: SyncPrefectClient, deployment_id: UUID, app: str) -> list[FlowRun]:
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+        id=DeploymentFilterId(any_=[deployment_id])))
+    return [r for r in runs if r.parameters.get("app") == app]
+
+
+def _seconds(later: datetime | None, earlier: datetime | None) -> float:
+    assert later is not None and earlier is not None
+    return (later - earlier).total_seconds()
+
+
+def _poll(probe: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+    return found
+
+
+@dataclass(frozen=True)
+class DevPromotion:
+    """The module's one dev promotion, as the API and the audit log recorded it."""
+
+    run: FlowRun
+    build: FlowRun
+    image: str
+    digest: str
+    url: str
+
+
+@pytest.fixture(scope="module")
+def dev(stack: Stack) -> DevPromotion:
+    """promote-dev triggered through the API, waited for, measured."""
+    with get_client(sync_client=True) as client:
+        created = _trigger(client, "promote-dev/dev", f"{stack.app}-dev", app=stack.app,
+                           source_repo=str(stack.app_repo), commit="HEAD", ref="main",
+                           context_path=".", requested_by="trent")
+        run = _wait(client, created.id)
+        assert run.state_name == "Completed", f"{run.state.message if run.state else ''}\n{stack.worker_logs()}"
+        (build,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        runs = [run.id, build.id]
+
+        def started_tasks() -> list[Any]:
+            # Task runs are recorded from events, a moment after they happen. The task run
+            # that only tracks the build subflow for the parent is not work on a worker.
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=runs)))
+            return [t for t in tasks if t.start_time is not None and t.id != build.parent_task_run_id]
+
+        tasks = _poll(started_tasks, 30, "no task run of the dev promotion was recorded")
+    first = min(tasks, key=lambda t: t.start_time)
+    stack.figures.update({
+        "trigger_to_flow_running": _seconds(run.start_time, run.created),
+        "trigger_to_first_task": _seconds(first.start_time, run.created),
+        "build_run_created_to_running": _seconds(build.start_time, build.created),
+        "dev_total": _seconds(run.end_time, run.created),
+    })
+    print(f"\npromote-dev: trigger -> running on the deploy worker "
+          f"{stack.figures['trigger_to_flow_running']:.1f}s; build-release created at "
+          f"{_seconds(build.created, run.created):.1f}s, running on the build worker "
+          f"{stack.figures['build_run_created_to_running']:.1f}s later; trigger -> first task "
+          f"({first.name}) {stack.figures['trigger_to_first_task']:.1f}s; promotion done "
+          f"{stack.figures['dev_total']:.1f}s")
+    (completed,) = stack.records("promotion.completed", "dev")
+    return DevPromotion(run=run, build=build, image=str(completed.details["image"]),
+                        digest=str(completed.digest), url=str(completed.details["url"]))
+
+
+def test_promote_dev_builds_on_the_build_pool_and_deploys_on_the_deploy_pool(
+    stack: Stack, dev: DevPromotion,
+) -> None:
+    assert dev.run.work_pool_name == POOLS["deploy"]
+    assert dev.build.work_pool_name == POOLS["build"]
+    assert dev.build.state_name == "Completed"
+    # The build side wrote the build; the deploy side received it through the result store.
+    (built,) = stack.records("build.completed")
+    assert built.run_id == str(dev.build.id) and built.digest == dev.digest
+    (received,) = stack.records("build.received")
+    assert received.run_id == str(dev.run.id) and dev.digest in str(received.details["image"])
+    assert httpx.get(dev.url, timeout=5).status_code == 200
+    # A sanity bound, loose for a loaded 2-core machine: two worker pick-ups and two Python
+    # process starts normally take 15-25 s; a minute means a pick-up went wrong.
+    assert stack.figures["trigger_to_first_task"] < 60
+
+
+def test_a_schedule_promotes_the_newest_digest_that_passed_dev(
+    stack: Stack, dev: DevPromotion,
+) -> None:
+    with get_client(sync_client=True) as client:
+        staging = client.read_deployment_by_name("promote-staging/staging")
+        fire_at = datetime.now(UTC) + timedelta(seconds=6)
+        # Hourly from a few seconds ahead: exactly one run falls into the test.
+        hourly: list[tuple[SCHEDULE_TYPES, bool]] = [
+            (IntervalSchedule(interval=timedelta(hours=1), anchor_date=fire_at), True)]
+        (schedule,) = client.create_deployment_schedules(staging.id, hourly,
+                                                         parameters={"app": stack.app})
+        created_at = datetime.now(UTC)
+        try:
+            def fired() -> list[FlowRun]:
+                return [r for r in _runs_of(client, staging.id, stack.app)
+                        if r.state_name not in ("Scheduled", None)]
+
+            (run,) = _poll(fired, 60, "the schedule did not start a staging run")
+        finally:
+            client.delete_deployment_schedule(staging.id, schedule.id)
+        resumer = Resumer(run.name)
+        thread = resumer.play([lambda: form("carol", dev.digest)])
+        run = _wait(client, run.id)
+        thread.join(30)
+        assert resumer.error is None, resumer.error
+        assert run.state_name == "Completed", f"{run.state.message if run.state else ''}\n{stack.worker_logs()}"
+        assert run.auto_scheduled and run.work_pool_name == POOLS["deploy"]
+        left = [r for r in _runs_of(client, staging.id, stack.app) if r.state_name == "Scheduled"]
+        assert left == []  # removing the schedule removed its future runs
+    assert _seconds(run.expected_start_time, fire_at) == pytest.approx(0, abs=0.01)
+    stack.figures["schedule_created_to_run"] = _seconds(run.created, created_at)
+    stack.figures["scheduled_time_to_running"] = _seconds(run.start_time, fire_at)
+    print(f"\nschedule: the scheduler created the run {stack.figures['schedule_created_to_run']:.1f}s "
+          f"after the schedule was added; running on the deploy worker "
+          f"{stack.figures['scheduled_time_to_running']:.1f}s after its scheduled time")
+    (completed,) = stack.records("promotion.completed", "staging")
+    assert completed.digest == dev.digest and completed.run_id == str(run.id)
+    assert [r.actor for r in stack.records("approval.accepted", "staging")] == ["carol"]
+    assert httpx.get(str(completed.details["url"]), timeout=5).status_code == 200
+
+
+def test_staging_refuses_a_digest_that_never_passed_dev(stack: Stack) -> None:
+    ghost = "127.0.0.1:1/portcullis/ghost@sha256:" + "ab" * 32
+    with get_client(sync_client=True) as client:
+        created = _trigger(client, "promote-staging/staging", f"{stack.app}-ghost",
+                           app="ghost", image=ghost, requested_by="trent")
+        run = _wait(client, created.id)
+    assert run.state_name == "Failed"
+    assert run.state is not None and "never passed dev" in str(run.state.message)
+
+
+def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
+    stack: Stack, dev: DevPromotion,
+) -> None:
+    with get_client(sync_client=True) as client:
+        runs = {
+            case: _trigger(client, "emergency-promote/emergency", f"{stack.app}-em-{case}",
+                           app=stack.app, image=dev.image, incident_ticket=ticket,
+                           justification="checkout returns 502", requested_by="trent")
+            for case, ticket in TICKETS.items()
+        }
+        resumer = Resumer(f"{stack.app}-em-open-p1")
+        thread = resumer.play([lambda: form("dave", dev.digest)])
+        done = {case: _wait(client, run.id) for case, run in runs.items()}
+        thread.join(30)
+    assert resumer.error is None, resumer.error
+    good = done.pop("open-p1")
+    assert good.state_name == "Completed", f"{good.state.message if good.state else ''}\n{stack.worker_logs()}"
+    reasons = {
+        "closed": "it is Closed (closed)",
+        "p3": "it is P3 (3 - Moderate); the emergency path is for P1 and P2",
+        "other-app": f"it names 'billing', 'Billing', not '{stack.app}'",
+        "unknown": f"ticket {TICKETS['unknown']} does not exist",
+    }
+    for case, run in done.items():
+        assert run.state_name == "Failed", case
+        assert run.state is not None and reasons[case] in str(run.state.message), (case, run.state)
+
+    ticket = TICKETS["open-p1"]
+    bypassed = [r for r in stack.records("freeze.bypassed", "prod") if r.run_id == str(good.id)]
+    assert bypassed and all(r.details["ticket"] == ticket and r.details["frozen"] for r in bypassed)
+    assert "launch-week" in str(bypassed[0].details["summary"])
+    (completed,) = stack.records("promotion.completed", "prod")
+    assert completed.details["ticket"] == ticket and completed.details["approved_by"] == ["dave"]
+    (review,) = ReviewStore(stack.home / "reviews").for_ticket(ticket)
+    assert review.app == stack.app and review.digest == dev.digest
+    assert review.flow_run_id == str(good.id)
+    # A refused ticket opens no review and deploys nothing.
+    assert [r.ticket for r in ReviewStore(stack.home / "reviews").reviews()] == [ticket]
+
+
+def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
+    with get_client(sync_client=True) as client:
+        wrong = {}
+        for deployment, pool, parameters in (
+            ("build-release/build", POOLS["deploy"],
+             {"app": stack.app, "source_repo": str(stack.app_repo), "context_path": "."}),
+            ("promote-staging/staging", POOLS["build"], {"app": stack.app}),
+        ):
+            shipped = client.read_deployment_by_name(deployment)
+            moved = client.create_deployment(
+                flow_id=shipped.flow_id, name=f"{shipped.name}-on-{pool}", work_pool_name=pool,
+                entrypoint=shipped.entrypoint, path=shipped.path, pull_steps=shipped.pull_steps,
+                parameter_openapi_schema=shipped.parameter_openapi_schema,
+                enforce_parameter_schema=True)
+            wrong[deployment] = client.create_flow_run_from_deployment(
+                moved, parameters=parameters, name=f"{stack.app}-wrong-side")
+        done = {d: _wait(client, r.id) for d, r in wrong.items()}
+    sides: tuple[tuple[str, Side], ...] = (("build-release/build", "build"),
+                                           ("promote-staging/staging", "deploy"))
+    for deployment, side in sides:
+        run = done[deployment]
+        assert run.state_name == "Failed", deployment
+        message = str(run.state.message if run.state else "")
+        assert f"must run on the {side} side" in message, message
+        assert f"run the deployment on the {POOLS[side]} work pool" in message, message

@@ -145,6 +145,23 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+def without_canary(policy_text: str) -> str:
+    """A policy file's text with its ``[canary]`` tables removed.
+
+    Flow tests that run no router or Prometheus use this; a canary policy there is (rightly)
+    refused with "no Prometheus is configured". tests/test_rollback.py and
+    tests/test_canary_rollout.py exercise the real canary.
+    """
+    kept, skipping = [], False
+    for line in policy_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            skipping = stripped.strip("[]").split(".")[0].strip() == "canary"
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 @dataclass(frozen=True)
 class PipelineEnv:
     """What a promote flow run needs: credentials, keys, trivy DB, state, all for tests."""
@@ -162,10 +179,15 @@ def pipeline_env(
     from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
 
     home = tmp_path / "home"
+    policies = tmp_path / "policies-without-canary"
+    policies.mkdir()
+    for policy in (REPO_ROOT / "policies").glob("*.toml"):
+        (policies / policy.name).write_text(without_canary(policy.read_text()))
     private_pem, password, public_pem = ensure_signing_keys(home)
     ensure_trivy_db(home / "trivy")
     env = {
         "PORTCULLIS_HOME": str(home),
+        "PORTCULLIS_POLICY_DIR": str(policies),
         "PORTCULLIS_BUILD_REGISTRY": build_creds.registry,
         "PORTCULLIS_BUILD_REGISTRY_USERNAME": build_creds.registry_username,
         "PORTCULLIS_BUILD_REGISTRY_PASSWORD": build_creds.registry_password.get_secret_value(),

@@ -235,7 +235,9 @@ def _append_many(path: str, worker: int, count: int) -> None:
 
 def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "shared.jsonl"
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: by now the test process runs Prefect server threads, and a forked
+    # copy of a threaded process can inherit held locks.
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append_many, args=(str(path), w, 25)) for w in range(4)]
     for p in procs:
         p.start()

@@ -23,7 +23,7 @@ import pytest
 from flows.promote import PromotionResult, promote
 from portcullis.audit import AuditLog
 from portcullis.errors import PolicyRefusal
-from tests.conftest import AppRepo, PipelineEnv
+from tests.conftest import AppRepo, PipelineEnv, without_canary
 from tests.support.approval_driver import Resumer
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
@@ -37,7 +37,7 @@ NO_FREEZE = '[freeze]\ncalendar = "off"\n'
 
 def _policies(directory: Path, prod_freeze: str = NO_FREEZE) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "dev.toml").write_text((REPO_ROOT / "policies" / "dev.toml").read_text())
+    (directory / "dev.toml").write_text(without_canary((REPO_ROOT / "policies" / "dev.toml").read_text()))
     base = ('allowed_branches = ["main"]\nallowed_repositories = ["file://*"]\n'
             '[scan]\nthreshold = "HIGH"\n')
     (directory / "staging.toml").write_text(

@@ -147,7 +147,9 @@ def _open_many(directory: str, worker: int) -> None:
 
 
 def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: by now the test process runs Prefect server threads, and a forked
+    # copy of a threaded process can inherit held locks.
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_open_many, args=(str(tmp_path), w)) for w in range(4)]
     for p in procs:
         p.start()

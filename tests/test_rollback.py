@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +36,8 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     state = tmp_path_factory.mktemp("traffic")
     ports = TrafficPorts(free_tcp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port())
     traffic = ensure_traffic(state, ports)
+    # The repository's own dev policy, canary included.
+    monkeypatch.setenv("PORTCULLIS_POLICY_DIR", str(Path(__file__).resolve().parents[1] / "policies"))
     monkeypatch.setenv("PORTCULLIS_TRAFFIC_DIR", str(state))
     monkeypatch.setenv("PORTCULLIS_PROMETHEUS_URL", traffic.prometheus_url)
     monkeypatch.setenv("PORTCULLIS_CANARY_SYNTHETIC_LOAD", "true")

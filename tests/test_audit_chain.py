@@ -7,11 +7,10 @@ import json
 import multiprocessing
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from portcullis.audit import (
     verify_log,
 )
 from portcullis.errors import PortcullisError, TransientError
+from tests.support.http import serving
 
 COMMIT = "a" * 40
 DIGEST = "sha256:" + "b" * 64
@@ -274,16 +274,9 @@ def store() -> Iterator[Store]:
         def log_message(self, format: str, *args: Any) -> None:
             return
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/audit"
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(Handler) as port:
+        state.url = f"http://127.0.0.1:{port}/audit"
+        yield state
 
 
 def test_http_sink_receives_exactly_the_chained_record(tmp_path: Path, store: Store) -> None:

@@ -4,11 +4,10 @@ change calendar asked over real HTTP on loopback."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +26,7 @@ from portcullis.freeze import (
     check_freeze,
     evaluate_freeze,
 )
+from tests.support.http import serving
 
 
 def utc(text: str) -> datetime:
@@ -348,16 +348,9 @@ def calendar_server() -> Iterator[CalendarServer]:
         def log_message(self, format: str, *args: Any) -> None:
             return
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/api"
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(Handler) as port:
+        state.url = f"http://127.0.0.1:{port}/api"
+        yield state
 
 
 def _calendar(server: CalendarServer, token: str = TOKEN) -> ChangeCalendar:

@@ -12,12 +12,11 @@ import os
 import secrets
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from portcullis.gitops import (
     render_overlay,
 )
 from portcullis.models import ImageRef
+from tests.support.http import serving
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "examples" / "gitops"
@@ -566,15 +566,8 @@ def http_remote(remote: Remote) -> Iterator[HttpRemote]:
         do_GET = _serve
         do_POST = _serve
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield HttpRemote(f"http://127.0.0.1:{server.server_port}/{remote.bare.name}", token, seen)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(Handler) as port:
+        yield HttpRemote(f"http://127.0.0.1:{port}/{remote.bare.name}", token, seen)
 
 
 def test_a_token_reaches_the_server_in_a_header_and_never_in_errors(

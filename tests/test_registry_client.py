@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +29,7 @@ from portcullis.oci import (
     digest_of,
     referrers_tag,
 )
+from tests.support.http import serving
 from tests.support.registry_fixture import (  # noqa: F401 - fixtures register by name
     PUSHER,
     PUSHER_PASSWORD,
@@ -267,14 +267,8 @@ class _TokenRegistryHandler(BaseHTTPRequestHandler):
 @pytest.fixture(name="token_registry")
 def token_registry_fixture() -> Iterator[str]:
     _TokenRegistryHandler.issued = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _TokenRegistryHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_TokenRegistryHandler) as port:
+        yield f"127.0.0.1:{port}"
 
 
 def test_bearer_challenge_gets_a_token_and_reuses_it(token_registry: str) -> None:

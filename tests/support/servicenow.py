@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support.http import serving
 
 #: Accounts the server knows: basic auth (USER or the role-less "no.role", both with
 #: PASSWORD) and an OAuth bearer TOKEN.
@@ -197,12 +198,5 @@ def serve(api: TableApi) -> Iterator[str]:
     Returns:
         A context manager whose value is ``http://127.0.0.1:<port>``.
     """
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(api))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(_handler(api)) as port:
+        yield f"http://127.0.0.1:{port}"

@@ -9,7 +9,7 @@ demo:
 # Run the whole test suite (lint, strict types, then unit and integration tests against
 # real components).
 test:
-	bash infra/bootstrap.sh
+	bash infra/bootstrap.sh --tests
 	uv run ruff check .
 	uv run mypy
 	uv run pytest

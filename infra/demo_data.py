@@ -83,3 +83,34 @@ def ensure_gitops_repo(state_dir: Path, example: Path) -> str:
         run_tool(["git", "clone", "-q", "--bare", str(seed), str(bare)], timeout=60)
         shutil.rmtree(seed)
     return f"file://{bare}"
+
+
+DEMO_APPROVERS = {
+    # name: (groups, aliases) -- stand-ins for people enrolled on the deploy side
+    "alice": (("security",), ("alice@example.com",)),
+    "bob": (("platform",), ("bob@example.com",)),
+    "carol": (("platform", "on-call"), ("carol@example.com",)),
+}
+
+
+def ensure_approvers(state_dir: Path) -> Path:
+    """The local stack's approver directory (mode 600), enrolled once with fresh TOTP secrets.
+
+    On a real deploy worker this file is written by whoever enrolls approvers, and each secret
+    lives in that person's authenticator app; here ``python -m portcullis code NAME`` plays
+    the app.
+    """
+    import pyotp
+
+    path = state_dir / "deploy-side" / "approvers.toml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        body = "".join(
+            f'[[approver]]\nname = "{name}"\ngroups = {list(groups)!r}\naliases = {list(aliases)!r}\n'
+            f'totp_secret = "{pyotp.random_base32(32)}"\n\n'
+            for name, (groups, aliases) in DEMO_APPROVERS.items()
+        ).replace("'", '"')
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body)
+    return path

@@ -23,6 +23,7 @@ import docker
 from infra import prefect_server, registry
 from infra.base_image import ensure_base_image
 from infra.demo_data import (
+    ensure_approvers,
     ensure_gitops_repo,
     ensure_signing_keys,
     ensure_trivy_db,
@@ -76,6 +77,7 @@ class StackInfo:
     cosign_public_key: str
     prometheus_url: str
     gitops_repo: str
+    approvers_file: str
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -100,6 +102,7 @@ class StackInfo:
             "PORTCULLIS_CANARY_SYNTHETIC_LOAD": "true",
             "PORTCULLIS_GITOPS_REPO_URL": self.gitops_repo,
             "PORTCULLIS_GITOPS_WORKDIR": f"{self.state_dir}/gitops-work",
+            "PORTCULLIS_APPROVERS_FILE": self.approvers_file,
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
@@ -137,6 +140,7 @@ def up(config: StackConfig) -> StackInfo:
     ensure_trivy_db(state / "trivy")
     traffic = ensure_traffic(state / "traffic", config.traffic_ports)
     gitops_repo = ensure_gitops_repo(state, REPO_ROOT / "examples" / "gitops")
+    approvers = ensure_approvers(state)
     info = StackInfo(
         docker_host=engine.host,
         docker_private=engine.private,
@@ -154,6 +158,7 @@ def up(config: StackConfig) -> StackInfo:
         cosign_public_key=public_pem,
         prometheus_url=traffic.prometheus_url,
         gitops_repo=gitops_repo,
+        approvers_file=str(approvers),
     )
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"

@@ -25,7 +25,8 @@ def _demo(args: argparse.Namespace) -> int:
     repo = Path(args.source_repo).resolve()
     result = promote(
         app=args.app, environment=args.environment, source_repo=str(repo), commit=args.commit,
-        ref=args.ref, context_path=args.context_path,
+        ref=args.ref, context_path=args.context_path, image=args.image,
+        requested_by=args.requested_by,
     )
     deployment = result.deployment
     if deployment is None:
@@ -42,6 +43,10 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  canary  {result.canary.phase.value}, decided by {result.canary.decided_by}")
         for step in result.canary.steps:
             print(f"          {step[:150]}")
+        sent = sum(r.requests for r in result.canary.load)
+        failed = sum(r.http_errors + r.socket_errors for r in result.canary.load)
+        if sent:
+            print(f"          synthetic load through the router: {sent} requests, {failed} failed")
     else:
         print("  canary  none: first deploy of this app here, nothing to compare with")
     if result.built is not None:
@@ -51,6 +56,21 @@ def _demo(args: argparse.Namespace) -> int:
               f"sbom {t.sbom_tool_seconds:.2f}s, scan {t.scan_tool_seconds:.2f}s, "
               f"attest {t.attest_seconds:.2f}s (sum {t.tools_sum:.2f}s)")
     print(f"  answer  {answer.status_code} {answer.text.strip()}")
+    return 0
+
+
+def _code(name: str) -> int:
+    import pyotp
+
+    from infra.demo_data import ensure_approvers
+    from infra.stack import StackConfig
+    from portcullis.approval import ApproverDirectory
+
+    directory = ApproverDirectory.load(ensure_approvers(StackConfig.from_env().state_dir))
+    approver = directory.get(name)
+    if approver is None:
+        raise PortcullisError(f"no approver {name!r} is enrolled on the local stack")
+    print(pyotp.TOTP(approver.totp_secret.get_secret_value()).now())
     return 0
 
 
@@ -65,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--commit", default="HEAD")
     demo.add_argument("--ref", default="main")
     demo.add_argument("--context-path", default="examples/hello")
+    demo.add_argument("--image", default=None,
+                      help="staging/prod: the digest-pinned image that passed the previous environment")
+    demo.add_argument("--requested-by", default=os.environ.get("USER", "unknown"),
+                      help="who asks for this promotion (they can never approve it)")
+    code = sub.add_parser("code", help="print an approver's current code (plays their authenticator app on the local stack)")
+    code.add_argument("approver")
     args = parser.parse_args(argv)
     try:
+        if args.command == "code":
+            return _code(args.approver)
         return _demo(args)
     except PortcullisError as exc:
         print(f"portcullis: refused: {exc}", file=sys.stderr)

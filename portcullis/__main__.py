@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
         if sent:
             print(f"          synthetic load through the router: {sent} requests, {failed} failed")
     else:
-        print("  canary  none: first deploy of this app here, nothing to compare with")
+        print("  canary  none (no canary in this environment's policy, or its first deploy)")
     if result.built is not None:
         t = result.built.timings
         print(f"  scan    {result.built.scan.summary}")

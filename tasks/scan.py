@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State, TaskRun
 
-from portcullis.errors import is_retryable
 from portcullis.models import ImageRef
 from portcullis.scan import (
     SbomRecord,
@@ -30,17 +27,7 @@ from portcullis.scan import (
     summarize_cyclonedx,
 )
 from portcullis.trivy import DEFAULT_TIMEOUT, generate_sbom, scan_sbom
-
-
-def retry_only_transient(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
-    """Prefect ``retry_condition_fn``: retry only when the failure is transient.
-
-    A :class:`~portcullis.errors.PolicyRefusal` (a refusal, a missing database, a bad input)
-    gives the same answer every time, so it is never retried; neither is anything this
-    function cannot identify as an exception.
-    """
-    error = state.data
-    return isinstance(error, BaseException) and is_retryable(error)
+from tasks.retry import only_transient
 
 
 def _artifact_key(prefix: str, image: ImageRef) -> str:
@@ -53,7 +40,7 @@ def _artifact_key(prefix: str, image: ImageRef) -> str:
     name="generate-sbom",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=retry_only_transient,
+    retry_condition_fn=only_transient,
     cache_policy=NO_CACHE,
 )
 def generate_sbom_task(
@@ -97,7 +84,7 @@ def generate_sbom_task(
     name="vulnerability-scan",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=retry_only_transient,
+    retry_condition_fn=only_transient,
     cache_policy=NO_CACHE,
 )
 def scan_task(

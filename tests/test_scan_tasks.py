@@ -17,7 +17,8 @@ from portcullis.errors import ConfigurationError, PolicyRefusal, ToolError, Tran
 from portcullis.models import ImageRef
 from portcullis.scan import SbomRecord, ScanOutcome, ScanPolicy, Severity
 from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
-from tasks.scan import generate_sbom_task, retry_only_transient, scan_task
+from tasks.retry import only_transient
+from tasks.scan import generate_sbom_task, scan_task
 from tests.support.oci_archive import alpine_files, write_image_archive
 
 IMAGE = ImageRef(
@@ -36,12 +37,12 @@ IMAGE = ImageRef(
     ],
 )
 def test_only_transient_failures_are_retried(error: Exception, retried: bool) -> None:
-    assert retry_only_transient(None, None, Failed(data=error)) is retried  # type: ignore[arg-type]
+    assert only_transient(None, None, Failed(data=error)) is retried  # type: ignore[arg-type]
 
 
 def test_a_state_without_an_exception_is_not_retried() -> None:
     state: State[Any] = Failed(data="no exception here")
-    assert retry_only_transient(None, None, state) is False  # type: ignore[arg-type]
+    assert only_transient(None, None, state) is False  # type: ignore[arg-type]
 
 
 @pytest.fixture()

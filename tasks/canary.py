@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import docker
-from docker.models.containers import Container
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
@@ -34,10 +33,10 @@ from portcullis.canary.analysis import (
 )
 from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
-from portcullis.environments import Slot, port_plan
+from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.models import Deployment, Frozen, ImageRef
-from tasks.deploy import Live, find_live, pull_image, retire_others, start_candidate
+from tasks.deploy import retire_others, start_in_free_slot
 
 HEALTH_PATH = "/cgi-bin/healthz"
 LOAD_PATH = "/cgi-bin/hello"
@@ -161,7 +160,7 @@ def rollout(
     front = f"http://{creds.public_host}:{plan.front}/"
     client = creds.docker_client()
     try:
-        live, candidate, port = _start_in_free_slot(
+        live, candidate, port = start_in_free_slot(
             client, image, app, environment, commit, creds, approved_by, health_timeout)
         if live is None:
             router.ensure_route(app, environment, listen_port=plan.front, stable_port=port,
@@ -206,20 +205,6 @@ def rollout(
         )
     finally:
         client.close()
-
-
-def _start_in_free_slot(
-    client: docker.DockerClient, image: ImageRef, app: str, environment: str, commit: str,
-    creds: DeployCredentials, approved_by: str, health_timeout: float,
-) -> tuple[Live | None, Container, int]:
-    """Pull exactly the digest and start it, healthy, in the slot the serving version is not in."""
-    pull_image(client, image, creds)
-    live = find_live(client, app, environment)
-    slot = live.slot.other() if live else Slot.BLUE
-    candidate = start_candidate(client, image, app, environment, slot, commit=commit,
-                                previous_digest=live.digest if live else None,
-                                approved_by=approved_by, health_timeout=health_timeout)
-    return live, candidate, port_plan(app, environment).slot_port(slot)
 
 
 def _analyse(
@@ -296,7 +281,7 @@ def switch_to(
     plan = port_plan(app, environment)
     client = creds.docker_client()
     try:
-        live, candidate, port = _start_in_free_slot(
+        live, candidate, port = start_in_free_slot(
             client, image, app, environment, commit, creds, approved_by, health_timeout)
         if router is not None:
             router.ensure_route(app, environment, listen_port=plan.front,

@@ -167,6 +167,25 @@ def start_candidate(
     return container
 
 
+def start_in_free_slot(
+    client: docker.DockerClient, image: ImageRef, app: str, environment: str, commit: str,
+    creds: DeployCredentials, approved_by: str, health_timeout: float,
+) -> tuple[Live | None, Container, int]:
+    """Pull exactly the digest and start it, healthy, in the slot the serving version is not in.
+
+    Returns:
+        The version serving until now (None on a first deploy), the new container, and the
+        port it listens on.
+    """
+    pull_image(client, image, creds)
+    live = find_live(client, app, environment)
+    slot = live.slot.other() if live else Slot.BLUE
+    candidate = start_candidate(client, image, app, environment, slot, commit=commit,
+                                previous_digest=live.digest if live else None,
+                                approved_by=approved_by, health_timeout=health_timeout)
+    return live, candidate, port_plan(app, environment).slot_port(slot)
+
+
 def retire_others(client: docker.DockerClient, app: str, environment: str, *, keep: str) -> None:
     """Stop and remove every container of the app in the environment except ``keep``."""
     for old in _containers(client, app, environment):
@@ -209,21 +228,14 @@ def deploy_image(
             hint="check the deploy credentials' docker_host and that the engine runs",
         ) from None
     try:
-        pull_image(client, image, credentials)
-        live = find_live(client, app, environment)
-        slot = live.slot.other() if live else Slot.BLUE
-        previous = live.digest if live else None
-        container = start_candidate(
-            client, image, app, environment, slot, commit=commit, previous_digest=previous,
-            approved_by=approved_by, health_timeout=health_timeout,
-        )
+        live, container, port = start_in_free_slot(
+            client, image, app, environment, commit, credentials, approved_by, health_timeout)
         retire_others(client, app, environment, keep=str(container.id))
-        plan = port_plan(app, environment)
         return Deployment(
             app=app, environment=environment, image=image, container_id=str(container.id),
-            container_name=str(container.name),
-            url=f"http://{credentials.public_host}:{plan.slot_port(slot)}/",
-            previous_digest=previous, commit=commit, deployed_at=datetime.now(UTC),
+            container_name=str(container.name), url=f"http://{credentials.public_host}:{port}/",
+            previous_digest=live.digest if live else None, commit=commit,
+            deployed_at=datetime.now(UTC),
         )
     finally:
         client.close()

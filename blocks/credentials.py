@@ -9,7 +9,7 @@ environment variables through pydantic-settings: ``PORTCULLIS_BUILD_*`` and
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import docker
 from pydantic import Field, SecretStr
@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr
 from blocks.base import EnvBlock
 from portcullis.errors import ConfigurationError
 from portcullis.evidence import (
+    AnyVerifier,
     EvidenceSigner,
     EvidenceVerifier,
     KeylessEvidenceSigner,
@@ -66,27 +67,6 @@ class TrustedIdentity(Frozen):
 
     identity: str = Field(description="Exact certificate identity (e-mail or URI).")
     issuer: str = Field(description="Exact OIDC issuer URL.")
-
-
-class AnyVerifier:
-    """Accepts evidence that any of several verifiers accepts (keys and identities together)."""
-
-    def __init__(self, verifiers: list[EvidenceVerifier]) -> None:
-        self._verifiers = verifiers
-
-    def verify_signature(self, image: Any) -> str:
-        """The first trusted signer found."""
-        errors = []
-        for verifier in self._verifiers:
-            try:
-                return verifier.verify_signature(image)
-            except Exception as exc:  # noqa: BLE001 - collected and re-raised below
-                errors.append(exc)
-        raise errors[-1]
-
-    def statements(self, image: Any, predicate_type: str) -> list[Any]:
-        """Statements verified by any verifier."""
-        return [s for v in self._verifiers for s in v.statements(image, predicate_type)]
 
 
 class BuildCredentials(_CredentialsBlock):

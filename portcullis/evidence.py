@@ -201,3 +201,27 @@ class KeylessEvidenceVerifier:
                                             st.statement))
                 break
         return out
+
+
+class AnyVerifier:
+    """Accepts evidence that any of several verifiers accepts (keys and identities together)."""
+
+    def __init__(self, verifiers: Sequence[EvidenceVerifier]) -> None:
+        if not verifiers:
+            # An empty trust set must fail, never pass: refuse to build one.
+            raise ValueError("AnyVerifier needs at least one verifier")
+        self._verifiers = list(verifiers)
+
+    def verify_signature(self, image: ImageRef) -> str:
+        """The first trusted signer found; otherwise the last verifier's refusal."""
+        errors: list[Exception] = []
+        for verifier in self._verifiers:
+            try:
+                return verifier.verify_signature(image)
+            except Exception as exc:  # noqa: BLE001 - collected and re-raised below
+                errors.append(exc)
+        raise errors[-1]
+
+    def statements(self, image: ImageRef, predicate_type: str) -> list[VerifiedEvidence]:
+        """Statements verified by any verifier."""
+        return [s for v in self._verifiers for s in v.statements(image, predicate_type)]

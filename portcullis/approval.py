@@ -20,8 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import errno
 import hmac
 import json
+import os
 import re
 import stat
 import tomllib
@@ -139,36 +141,87 @@ class ApproverDirectory(Frozen):
     def load(cls, path: Path) -> ApproverDirectory:
         """Read the directory from a TOML file with ``[[approver]]`` tables.
 
-        The file holds TOTP secrets, so it is refused when anyone but its owner can read or
-        write it, or when others can replace it through its folder.
+        The file holds TOTP secrets, so it is refused unless it is owned by this process's
+        account (the worker's) or root, has mode 0600 (or stricter), sits in a folder that
+        only that owner can write, and is reached through no symlink anywhere on its path.
+        It is opened with ``O_NOFOLLOW`` and checked on the open descriptor, so it cannot be
+        swapped between the check and the read.
 
         Raises:
-            ConfigurationError: the file is missing, too open, or malformed.
+            ConfigurationError: the file is missing, too open, owned by someone else, reached
+                through a symlink, or malformed.
         """
+        text = read_private_file(path, what="approver directory",
+                                 hint="set PORTCULLIS_APPROVERS_FILE to the deploy-side approvers file")
         try:
-            info = path.stat()
-            parent = path.parent.stat()
+            data = tomllib.loads(text)
+            return cls(approvers=tuple(data.get("approver", ())))
+        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+            raise ConfigurationError(f"approver directory {path} is malformed: {exc}") from None
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def read_private_file(path: Path, *, what: str, hint: str) -> str:
+    """Read a secret-holding file only if nobody but its trusted owner could have written it.
+
+    Args:
+        path: absolute or relative path; no component may be a symlink.
+        what: what the file is, for error messages ("approver directory").
+        hint: what to do when it cannot be read at all.
+
+    Raises:
+        ConfigurationError: naming the exact condition that failed.
+    """
+    absolute = Path(os.path.abspath(path))
+    # Every component must be a real directory owned by root or us, writable by nobody else:
+    # otherwise someone else could swap the file or a folder above it.
+    for parent in reversed(absolute.parents):
+        try:
+            info = parent.lstat()
         except OSError as exc:
+            raise ConfigurationError(f"{what} {path} cannot be read: {exc}", hint=hint) from None
+        if stat.S_ISLNK(info.st_mode):
             raise ConfigurationError(
-                f"approver directory {path} cannot be read: {exc}",
-                hint="set PORTCULLIS_APPROVERS_FILE to the deploy-side approvers file",
-            ) from None
+                f"{what} {path} is reached through the symlink {parent}; refused",
+                hint="point the setting at the real path, in a folder only the worker's account can write",
+            )
+    folder = absolute.parent.lstat()
+    if not _trusted_owner(folder.st_uid) or folder.st_mode & 0o022:
+        raise ConfigurationError(
+            f"the folder {absolute.parent} of {what} {path} can be written by someone other "
+            f"than its owner, or is owned by uid {folder.st_uid} (mode {stat.filemode(folder.st_mode)})",
+            hint=f"chown the folder to the worker's account and chmod 700 {absolute.parent}",
+        )
+    try:
+        fd = os.open(absolute, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigurationError(f"{what} {path} is a symlink; refused",
+                                     hint="point the setting at the real file") from None
+        raise ConfigurationError(f"{what} {path} cannot be read: {exc.strerror}", hint=hint) from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(f"{what} {path} is not a regular file")
+        if not _trusted_owner(info.st_uid):
+            raise ConfigurationError(
+                f"{what} {path} is owned by uid {info.st_uid}, not by the worker's account "
+                f"(uid {os.geteuid()}) or root",
+                hint="chown the file to the worker's account",
+            )
         if info.st_mode & 0o077:
             raise ConfigurationError(
-                f"approver directory {path} is accessible to group/others "
-                f"(mode {stat.filemode(info.st_mode)}); it holds TOTP secrets",
+                f"{what} {path} is accessible to group/others "
+                f"(mode {stat.filemode(info.st_mode)}); it holds secrets",
                 hint=f"chmod 600 {path}",
             )
-        if parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
-            raise ConfigurationError(
-                f"the folder of approver directory {path} is writable by anyone",
-                hint="keep the file in a folder only the deploy account can write",
-            )
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-            return cls(approvers=tuple(data.get("approver", ())))
-        except (tomllib.TOMLDecodeError, ValidationError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"approver directory {path} is malformed: {exc}") from None
+            return fh.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"{what} {path} is not UTF-8: {exc}") from None
 
 
 class ApprovalSettings(BaseSettings):

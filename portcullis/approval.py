@@ -290,7 +290,15 @@ class ApprovalSubject(Frozen):
     digest: Digest
     commit: CommitSha
     author: str = Field(description="commit author, 'Name <email>'")
-    triggered_by: str = Field(description="who started the run, as recorded by the platform")
+    change_authors: tuple[str, ...] = Field(
+        default=(),
+        description="every author and committer ('Name <email>') of every commit in the change: "
+        "the commits between what runs in the environment and the promoted commit",
+    )
+    triggered_by: str = Field(
+        description="the verified requester's directory id, or 'scheduler' for a run the "
+        "Prefect server's scheduler created"
+    )
     triggered_at: datetime = Field(description="when the run started, from the server")
 
     @field_validator("triggered_at")
@@ -427,6 +435,64 @@ class FileReplayStore(ReplayStore):
             last[approver] = step
             write_atomic(self.path, json.dumps(last, sort_keys=True).encode() + b"\n")
             return True
+
+
+SCHEDULER = "scheduler"
+
+
+class RequesterProof(enum.StrEnum):
+    """How the person (or system) who started a promotion was established."""
+
+    TOTP = "totp"
+    """An enrolled identity's code, verified on the deploy side and burned."""
+    SCHEDULE = "schedule"
+    """The Prefect server's scheduler created the run (``auto_scheduled``, not settable by clients)."""
+    UNVERIFIED = "unverified"
+    """A name typed by the caller; accepted only where no person must approve."""
+
+
+class Requester(Frozen):
+    """Who asked for a promotion, and how we know."""
+
+    name: str = Field(description="directory id, 'scheduler', or the typed name if unverified")
+    proof: RequesterProof
+    totp_step: int | None = None
+
+    @property
+    def verified(self) -> bool:
+        """True unless the name is only what the caller typed."""
+        return self.proof is not RequesterProof.UNVERIFIED
+
+
+def verify_requester(
+    directory: ApproverDirectory, claimed: str, code: str, at: datetime, replay: ReplayStore
+) -> Requester:
+    """Prove who asks for a promotion with their current code, like an approval.
+
+    The requester can then never approve: the ledger excludes them by every identity the
+    directory lists for them. The code is burned, so the same code cannot also approve.
+
+    Raises:
+        PolicyRefusal: unknown identity, wrong or expired code, or a code already used.
+    """
+    person = directory.get(claimed)
+    if person is None:
+        raise PolicyRefusal(
+            f"requester {claimed!r} is not an enrolled identity; a promotion started by a "
+            "person must name their directory id",
+            hint="pass requested_by=<your id> and requester_code=<your current code>",
+        )
+    step = verify_totp(person, code, _aware(at))
+    if step is None:
+        raise PolicyRefusal(
+            f"the requester code for {person.name} is wrong or expired",
+            hint="pass the current 6-digit code from your authenticator as requester_code",
+        )
+    if not replay.claim(person.name, step):
+        raise PolicyRefusal(
+            f"the requester code for {person.name} was already used; wait for the next code",
+        )
+    return Requester(name=person.name, proof=RequesterProof.TOTP, totp_step=step)
 
 
 def _match_groups(groups: tuple[str, ...], approvals: Iterable[AcceptedDecision]) -> dict[str, str]:
@@ -610,6 +676,13 @@ class ApprovalLedger:
             return refuse(
                 Refusal.SELF_APPROVAL,
                 f"{approver.name} wrote commit {self.subject.commit[:12]} and cannot approve it",
+            )
+        wrote = next((a for a in self.subject.change_authors if approver.is_known_as(a)), None)
+        if wrote is not None:
+            return refuse(
+                Refusal.SELF_APPROVAL,
+                f"{approver.name} authored a commit in this change (as {wrote}) and cannot "
+                "approve it",
             )
         if approver.is_known_as(self.subject.triggered_by):
             return refuse(
@@ -826,6 +899,7 @@ def render_approval_request(
 
 
 __all__ = [
+    "SCHEDULER",
     "AcceptedDecision",
     "ApprovalDecision",
     "ApprovalLedger",
@@ -840,6 +914,8 @@ __all__ = [
     "MemoryReplayStore",
     "Refusal",
     "ReplayStore",
+    "Requester",
+    "RequesterProof",
     "ScanComparison",
     "SubmitResult",
     "Verdict",
@@ -847,4 +923,5 @@ __all__ = [
     "md_text",
     "render_approval_request",
     "replay_store_path",
+    "verify_requester",
 ]

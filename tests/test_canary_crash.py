@@ -36,10 +36,11 @@ import pytest
 
 from blocks.credentials import BuildCredentials, DeployCredentials
 from infra.canary_watch import traffic_leases
+from infra.daemon import running_pid
 from infra.docker_engine import DockerEngine
 from infra.haproxy import Router, backend_name
 from infra.prometheus import free_tcp_port
-from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
+from infra.traffic import Traffic, TrafficPorts, ensure_canary_watch, ensure_traffic, stop_traffic
 from portcullis.audit import AuditLog
 from portcullis.canary.analysis import (
     AnalysisLimits,
@@ -155,16 +156,16 @@ def stable(app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
 
 
 def _spawn_rollout(build: BuildResult, app: str, creds: DeployCredentials, traffic: Traffic,
-                   tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+                   tmp_path: Path, *, in_flow: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     events = tmp_path / "child-events.jsonl"
     spec = tmp_path / "child-spec.json"
     spec.write_text(json.dumps({
         "image": str(build.image), "app": app, "environment": "dev",
         "commit": build.source.commit, "router_dir": str(traffic.router_dir),
         "prometheus_url": traffic.prometheus_url, "policy": POLICY.model_dump(mode="json"),
-        "events": str(events),
+        "events": str(events), "in_flow": in_flow,
     }))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **_prefect_env(),
            "PORTCULLIS_DEPLOY_REGISTRY": creds.registry,
            "PORTCULLIS_DEPLOY_REGISTRY_USERNAME": creds.registry_username,
            "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": creds.registry_password.get_secret_value(),
@@ -172,6 +173,14 @@ def _spawn_rollout(build: BuildResult, app: str, creds: DeployCredentials, traff
     child = subprocess.Popen([sys.executable, "-m", "tests.support.canary_child", str(spec)],
                              env=env, cwd=REPO_ROOT)
     return child, events
+
+
+def _prefect_env() -> dict[str, str]:
+    """The test server's address, for a child process (set only under prefect_harness)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return {"PREFECT_API_URL": str(url)} if url else {}
 
 
 def _child_events(path: Path) -> list[dict[str, Any]]:
@@ -254,6 +263,66 @@ def test_a_stalled_promotion_that_comes_back_stops_without_touching_the_weights(
     assert "lease lost" in " ".join(rolled["problems"])
     assert seen == {(100, 0)}
     assert failed == 0
+
+
+def test_a_cancelled_promotion_rolls_back_before_it_ends(
+    prefect_harness: None, stable: BuildResult, app_repo: AppRepo, app_name: str,
+    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
+    docker_client: docker.DockerClient, tmp_path: Path,
+) -> None:
+    # A process worker cancels a run with SIGTERM; the flow engine raises TerminationSignal.
+    v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
+    router = Router(traffic.router_dir)
+    load = Load(_front(app_name))
+    child, events = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path, in_flow=True)
+    try:
+        _wait(lambda: _weights(router, app_name)[1] == 20, 180, "the canary at 20%")
+        terminated = time.monotonic()
+        os.kill(child.pid, signal.SIGTERM)
+        on_stable = _wait(lambda: _weights(router, app_name) == (100, 0), 4 * WINDOW,
+                          "100% on stable")
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        _, failed = load.stop()
+    rolled = next(e for e in _child_events(events) if e["event"] == "canary.rolled-back")
+    print(f"\nFIGURE SIGTERM (cancellation) at 20%: 100% on stable {on_stable - terminated:.2f}s "
+          f"after the signal; {failed} failed requests; reason: {rolled['reason'][:80]}")
+    assert rolled["reason"].startswith("TerminationSignal") and rolled["problems"] == []
+    assert not _containers_of(docker_client, app_name, v2.image.digest)
+    assert failed == 0
+
+
+def test_a_watcher_killed_with_the_run_finishes_the_job_when_restarted(
+    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
+    docker_engine: DockerEngine, tmp_path: Path,
+) -> None:
+    v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
+    router = Router(traffic.router_dir)
+    state = traffic.router_dir.parent
+    child, _ = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path)
+    try:
+        _wait(lambda: _weights(router, app_name)[1] == 20, 180, "the canary at 20%")
+        watcher_pid = running_pid(state / "canary-watch" / "canary-watch.pid")
+        assert watcher_pid is not None
+        os.kill(watcher_pid, signal.SIGKILL)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    lease = traffic_leases(traffic.router_dir).read(backend_name(app_name, "dev"))
+    assert lease is not None  # nobody acted: the state is still on disk
+    _wait(lambda: running_pid(state / "canary-watch" / "canary-watch.pid") is None, 10,
+          "the watcher gone")
+    ensure_canary_watch(state, docker_engine.host)
+    _wait(lambda: _weights(router, app_name) == (100, 0), 4 * WINDOW, "100% on stable")
+    _wait(lambda: not _containers_of(docker_client, app_name, v2.image.digest), 4 * WINDOW,
+          "the canary container removed")
+    live = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+    assert [c.labels[LABEL_DIGEST] for c in live] == [stable.image.digest]
 
 
 class BrokenProvider(MetricsProvider):
@@ -360,3 +429,40 @@ def test_a_lock_held_by_a_killed_run_is_free_within_two_windows(
           f"{acquired - killed:.2f}s after the kill (window {window:.0f}s)")
     assert events[:3] == ["lock.reclaimed", "lock.acquired", "lock.released"]
     assert acquired - killed < 2 * window
+
+
+def test_a_long_held_lock_is_renewed_past_prefects_lease(
+    prefect_harness: None, tmp_path: Path,
+) -> None:
+    """Prefect's lease on the slot (60 s, the server's minimum) and the heartbeat are renewed:
+    a second promotion waits for the whole hold, past the lease plus the repossessor's loop."""
+    from tasks.gates import PREFECT_MIN_LEASE_SECONDS
+
+    environment = f"long-{secrets.token_hex(3)}"
+    hold = PREFECT_MIN_LEASE_SECONDS + 15 + 10  # lease + repossessor loop (15 s) + margin
+    log = AuditLog(tmp_path / "audit.jsonl")
+    first = RunAudit(log, "first-run", "lockapp", environment)
+    second = RunAudit(log, "second-run", "lockapp", environment)
+    held = threading.Event()
+    times: dict[str, float] = {}
+
+    def waiter() -> None:
+        held.wait()
+        with environment_lock(environment, second, window_seconds=2.0, state_dir=tmp_path):
+            times["second"] = time.monotonic()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with environment_lock(environment, first, window_seconds=2.0, state_dir=tmp_path):
+        held.set()
+        deadline = time.monotonic() + hold
+        while time.monotonic() < deadline:
+            assert "second" not in times
+            time.sleep(0.5)
+        times["released"] = time.monotonic()
+    thread.join(60)
+    records = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    print(f"\nFIGURE lock held {hold:.0f}s (Prefect lease {PREFECT_MIN_LEASE_SECONDS:.0f}s): the "
+          f"second promotion got it {times['second'] - times['released']:.2f}s after the release")
+    assert times["second"] >= times["released"]
+    assert "lock.reclaimed" not in records

@@ -1,7 +1,7 @@
 """A promotion's canary rollout in a process of its own, for tests that SIGKILL it.
 
 Run as ``python -m tests.support.canary_child SPEC.json``. The spec names the image, the app,
-the router, Prometheus and the policy; deploy credentials come from the PORTCULLIS_DEPLOY_*
+the router, Prometheus, the policy and whether to run inside a flow run; deploy credentials come from the PORTCULLIS_DEPLOY_*
 environment (never the command line). Every event the rollout records is appended to the
 spec's ``events`` file as one JSON line, flushed at once, so the test can follow the run.
 """
@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from prefect import flow
 
 from blocks.credentials import DeployCredentials
 from infra.haproxy import Router
@@ -31,13 +33,22 @@ def main(spec_path: str) -> int:
             fh.write(json.dumps({"event": event, **details}, default=str) + "\n")
 
     provider = PrometheusProvider(spec["prometheus_url"])
-    try:
+
+    def run() -> None:
         rollout(
             ImageRef.parse(spec["image"]), spec["app"], spec["environment"], spec["commit"],
             DeployCredentials.resolve(None), policy=CanaryPolicy.model_validate(spec["policy"]),
             router=Router(Path(spec["router_dir"])), provider=provider, record=record,
             on_inconclusive=lambda _verdict: ("rollback", "test"),
         )
+
+    try:
+        if spec.get("in_flow"):
+            # Inside a flow run, as on a worker: Prefect's engine turns SIGTERM (how a
+            # cancellation reaches a process) into TerminationSignal.
+            flow(name="canary-child", persist_result=False)(run)()
+        else:
+            run()
     except BaseException as exc:  # noqa: BLE001 - the test reads what ended the run
         record("child.raised", kind=type(exc).__name__, message=str(exc))
         return 1

@@ -193,10 +193,10 @@ def rollout(
                                 health_path=HEALTH_PATH)
             record("canary.skipped", reason="first deploy: no stable version to compare with")
             return _deployment(image, app, environment, candidate, front, None, commit), None
-        router.ensure_route(app, environment, listen_port=plan.front,
-                            stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
         keeper = _hold_traffic(router, app, environment, str(candidate.id), port, policy)
         try:
+            router.ensure_route(app, environment, listen_port=plan.front,
+                                stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
             with keeper.acting():
                 router.point_server(app, environment, ServerRole.CANARY, port)
             report, verdict = _analyse(client, candidate.id, app, environment, policy, router,

@@ -186,6 +186,12 @@ class FlowProcessStarter:
 class PortcullisWorker(ProcessWorker):
     """A process worker that refuses what it did not configure (see the module docstring)."""
 
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        # Registered under its own key: importing this module must not replace Prefect's
+        # stock "process" worker type for anything else in the process.
+        return "portcullis-process"
+
     def __init__(self, config: WorkerConfig, config_path: Path, *, limit: int | None = None) -> None:
         super().__init__(work_pool_name=config.pool, name=config.name,
                          create_pool_if_not_found=False, limit=limit)

@@ -13,7 +13,7 @@ runs are triggered through the API or by a schedule, then:
 * emergency-promote goes through the prod freeze with a valid P1 ticket and one on-call
   approval, records the bypass with the ticket and opens a post-incident review; a closed,
   P3, unknown or mismatched ticket is refused with the reason;
-* a flow started on the other side's pool refuses to run.
+* a deployment moved to the other side's pool is refused by that pool's worker.
 
 The stack, the deployments and the dev promotion are shared by the module (one build).
 """
@@ -210,7 +210,6 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
             "PORTCULLIS_APPROVERS_FILE": str(approvers),
         }.items():
             mp.setenv(key, value)
-        mp.delenv("PORTCULLIS_REQUIRE_WORKER_SIDE", raising=False)
         try:
             started = time.monotonic()
             up(config)
@@ -456,11 +455,15 @@ def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
             wrong[deployment] = client.create_flow_run_from_deployment(
                 moved, parameters=parameters, name=f"{stack.app}-wrong-side")
         done = {d: _wait(client, r.id) for d, r in wrong.items()}
-    sides: tuple[tuple[str, Side], ...] = (("build-release/build", "build"),
-                                           ("promote-staging/staging", "deploy"))
+    # Each pool's worker runs only the deployments its host configured for it.
+    sides: tuple[tuple[str, Side], ...] = (("build-release/build", "deploy"),
+                                           ("promote-staging/staging", "build"))
     for deployment, side in sides:
         run = done[deployment]
         assert run.state_name == "Failed", deployment
         message = str(run.state.message if run.state else "")
-        assert f"must run on the {side} side" in message, message
-        assert f"run the deployment on the {POOLS[side]} work pool" in message, message
+        moved_key = f"{deployment.split('/')[0]}/{deployment.split('/')[1]}-on-{POOLS[side]}"
+        assert f"deployment {moved_key} is not configured on the {side} worker" in message, message
+        refused = [r for r in stack.audit.records()
+                   if r.event == "worker.refused" and r.run_id == str(run.id)]
+        assert len(refused) == 1 and refused[0].details["side"] == side

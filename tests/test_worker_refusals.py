@@ -19,6 +19,8 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -127,6 +129,21 @@ def test_an_invalid_worker_file_is_refused(tmp_path: Path, changes: dict[str, An
     path.chmod(0o600)
     with pytest.raises(ConfigurationError, match=reason):
         load_worker_config(path)
+
+
+def test_the_worker_does_not_start_with_a_file_others_could_change(tmp_path: Path) -> None:
+    path = _written(tmp_path, _config(tmp_path), 0o664)
+    started = subprocess.run([sys.executable, "-m", "portcullis.worker", "--side", "deploy",
+                              "--config", str(path)], capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert started.returncode == 2
+    assert "portcullis worker not started" in started.stderr
+    assert "mode 664 lets group or others change it" in started.stderr
+    path.chmod(0o600)
+    other = subprocess.run([sys.executable, "-m", "portcullis.worker", "--side", "build",
+                            "--config", str(path)], capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert other.returncode == 2 and "configures the deploy side, not build" in other.stderr
 
 
 # ------------------------------------------------------------------- unit: the decision

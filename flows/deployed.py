@@ -37,14 +37,15 @@ from flows.promote import (
     build_with_evidence,
     deploy_side,
     emergency_policy,
+    establish_requester,
     promoted_image,
     refusals_recorded,
     start_run,
 )
+from portcullis.approval import RequesterProof
 from portcullis.chain import newest_passed
 from portcullis.errors import PolicyRefusal, TransientError
-from portcullis.incidents import check_emergency_ticket
-from portcullis.models import ImageRef
+from portcullis.incidents import Incident, TicketUseStore, check_emergency_ticket, ticket_store_path
 from portcullis.pins import PinStore
 from portcullis.policy import load_policy
 from portcullis.reviews import REPORT_ARTIFACT_KEY, ReviewStore, render_report
@@ -122,6 +123,7 @@ def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, cont
 def promote_dev(
     app: str = "hello", source_repo: str = ".", commit: str = "HEAD", ref: str = "main",
     context_path: str = "examples/hello", requested_by: str = "scheduler",
+    requester_code: str = "",
 ) -> PromotionResult | None:
     """Deploy side: build on the build pool, then gate and deploy to dev.
 
@@ -131,7 +133,9 @@ def promote_dev(
         commit: commit-ish to build.
         ref: branch the commit must be on.
         context_path: directory holding the Dockerfile.
-        requested_by: who triggered it; they can never approve it.
+        requested_by: who triggered it (their directory id); they can never approve it. A
+            run the server's scheduler created is the scheduler's, whatever this says.
+        requester_code: their current code, proving ``requested_by``.
 
     Returns:
         The promotion's result, or None when a rollback pin held the environment.
@@ -139,19 +143,30 @@ def promote_dev(
     _side("deploy", app, "dev")
     settings, policy, audit = start_run(app, "dev", requested_by, commit=commit)
     with refusals_recorded(audit):
+        requester = establish_requester(policy, requested_by, requester_code, audit)
         if _held_by_pin(app, "dev", settings, audit):
             return None
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
         built = _build_on_build_pool(app, source_repo, commit, ref, context_path)
         audit.record("build.received", image=str(built.build.image), scan=built.scan.summary)
-        return deploy_side(app, "dev", built.build.image, built, requested_by, None,
+        return deploy_side(app, "dev", built.build.image, built, requester, None,
                            settings, policy, audit)
 
 
-def _promote_passed(app: str, environment: str, image: str | None, requested_by: str) -> PromotionResult | None:
+def _promote_passed(app: str, environment: str, image: str | None, requested_by: str,
+                    requester_code: str) -> PromotionResult | None:
     _side("deploy", app, environment)
     settings, policy, audit = start_run(app, environment, requested_by, image=image)
     with refusals_recorded(audit):
+        requester = establish_requester(policy, requested_by, requester_code, audit)
+        if requester.proof is RequesterProof.SCHEDULE and image is not None:
+            # A scheduled run's parameters can be edited through the API before it starts; the
+            # schedule promotes the newest digest that passed, never one someone slipped in.
+            raise PolicyRefusal(
+                f"a scheduled {environment} run takes no image (it was given {image}); it "
+                f"promotes the newest digest that passed {policy.promote_from}",
+                hint="start a manual run with your requester code to promote a chosen digest",
+            )
         if _held_by_pin(app, environment, settings, audit):
             return None
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
@@ -171,52 +186,69 @@ def _promote_passed(app: str, environment: str, image: str | None, requested_by:
             if not image:
                 raise PolicyRefusal(f"the {policy.promote_from} record of {newest.digest} names no image")
         target = promoted_image(policy, image, audit)
-        return deploy_side(app, environment, target, None, requested_by, None, settings, policy, audit)
+        return deploy_side(app, environment, target, None, requester, None, settings, policy, audit)
 
 
 @flow(name="promote-staging", log_prints=True)
-def promote_staging(app: str = "hello", image: str | None = None, requested_by: str = "scheduler") -> PromotionResult | None:
+def promote_staging(
+    app: str = "hello", image: str | None = None, requested_by: str = "scheduler",
+    requester_code: str = "",
+) -> PromotionResult | None:
     """Deploy side: promote a digest that passed dev (default: the newest) to staging.
 
     Args:
         app: application name.
         image: digest-pinned image; None takes the newest that passed dev.
-        requested_by: who triggered it; they can never approve it.
+        requested_by: who triggered it (their directory id); they can never approve it.
+        requester_code: their current code, proving ``requested_by`` (not needed when the
+            server's scheduler created the run).
 
     Returns:
         The promotion's result, or None when there was nothing new to promote.
     """
-    return _promote_passed(app, "staging", image, requested_by)
+    return _promote_passed(app, "staging", image, requested_by, requester_code)
 
 
 @flow(name="promote-prod", log_prints=True)
-def promote_prod(app: str = "hello", image: str | None = None, requested_by: str = "scheduler") -> PromotionResult | None:
+def promote_prod(
+    app: str = "hello", image: str | None = None, requested_by: str = "scheduler",
+    requester_code: str = "",
+) -> PromotionResult | None:
     """Deploy side: promote a digest that passed staging (default: the newest) to prod.
 
     Args:
         app: application name.
         image: digest-pinned image; None takes the newest that passed staging.
-        requested_by: who triggered it; they can never approve it.
+        requested_by: who triggered it (their directory id); they can never approve it.
+        requester_code: their current code, proving ``requested_by`` (not needed when the
+            server's scheduler created the run).
 
     Returns:
         The promotion's result, or None when there was nothing new to promote.
     """
-    return _promote_passed(app, "prod", image, requested_by)
+    return _promote_passed(app, "prod", image, requested_by, requester_code)
 
 
 @flow(name="emergency-promote", log_prints=True)
 def emergency_promote(
     app: str, image: str, incident_ticket: str, justification: str, requested_by: str,
+    requester_code: str = "",
 ) -> PromotionResult:
     """Deploy side, API-triggered: an emergency change to prod under an incident ticket.
 
+    Expedited, never bypassed: the requester proves who they are and can never approve, so a
+    second person (on call) must; the ticket serves this one promotion and is read again right
+    before traffic moves; the digest must have passed dev; skipping staging is recorded in the
+    post-incident review.
+
     Args:
         app: the service being fixed; the ticket must name it.
-        image: digest-pinned image with full evidence (signature, provenance from an allowed
-            branch, SBOM, scan without CRITICAL findings).
+        image: digest-pinned image that passed dev, with full evidence (signature, provenance
+            from an allowed branch, SBOM, scan without CRITICAL findings).
         incident_ticket: an open P1/P2 incident in the incident system.
         justification: why this cannot wait for the normal path.
-        requested_by: who triggered it; they can never approve it.
+        requested_by: who triggered it (their directory id); they can never approve it.
+        requester_code: their current code, proving ``requested_by``.
 
     Returns:
         The promotion's result.
@@ -224,23 +256,47 @@ def emergency_promote(
     _side("deploy", app, "prod")
     if not justification.strip():
         raise PolicyRefusal("an emergency promotion needs a justification")
-    settings, policy, audit = start_run(app, "prod", requested_by, image=image,
+    settings, normal, audit = start_run(app, "prod", requested_by, image=image,
                                         ticket=incident_ticket, justification=justification)
     with refusals_recorded(audit):
-        incident = IncidentSystemBlock.resolve(None).get_client().get(incident_ticket)
-        check_emergency_ticket(incident, app, datetime.now(UTC))
-        audit.record("emergency.ticket-verified", ticket=incident.number,
-                     priority=incident.priority_label, state=incident.state_label)
-        target = ImageRef.parse(image)
+        policy = emergency_policy(normal)
+        requester = establish_requester(policy, requested_by, requester_code, audit)
+        incidents = IncidentSystemBlock.resolve(None).get_client()
+
+        def check_ticket(stage: str) -> Incident:
+            incident = incidents.get(incident_ticket)
+            try:
+                check_emergency_ticket(incident, app, datetime.now(UTC),
+                                       max_age=normal.emergency_ticket_max_age)
+            except PolicyRefusal as exc:
+                audit.record("emergency.ticket-refused", stage=stage, ticket=incident_ticket,
+                             reason=str(exc))
+                raise
+            audit.record("emergency.ticket-verified", stage=stage, ticket=incident.number,
+                         priority=incident.priority_label, state=incident.state_label)
+            return incident
+
+        incident = check_ticket("run-start")
+        target = promoted_image(policy, image, audit)
+        use = TicketUseStore(ticket_store_path(settings.audit_path)).claim(
+            incident.number, str(flow_run.get_id()))
+        audit.record("emergency.ticket-claimed", ticket=incident.number, runs=list(use.runs),
+                     allowed=use.allowed)
         review = ReviewStore(settings.home / "reviews").open_review(
             ticket=incident.number, app=app, environment="prod", digest=target.digest,
-            flow_run_id=str(flow_run.get_id()),
+            flow_run_id=str(flow_run.get_id()), skipped_environments=("staging",),
         )
-        audit.record("emergency.review-opened", ticket=incident.number, due=review.due_at.isoformat())
+        audit.record("emergency.review-opened", ticket=incident.number, due=review.due_at.isoformat(),
+                     skipped=["staging"])
         emergency = Emergency(ticket=incident.number, justification=justification,
                               incident_summary=incident.short_description)
-        return deploy_side(app, "prod", target, None, requested_by, None, settings,
-                           emergency_policy(policy), audit, emergency=emergency)
+
+        def recheck_before_traffic() -> None:
+            # The ticket may have been closed while the approval waited.
+            check_ticket("before-traffic")
+
+        return deploy_side(app, "prod", target, None, requester, None, settings, policy, audit,
+                           emergency=emergency, before_traffic=recheck_before_traffic)
 
 
 @flow(name="post-incident-reviews", log_prints=True)

@@ -14,7 +14,7 @@ decision goes to the hash-chained audit log.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -29,12 +29,15 @@ from infra.haproxy import Router
 from portcullis.approval import (
     ApprovalOutcome,
     ApprovalSettings,
+    ApprovalSubject,
     FileReplayStore,
+    Requester,
     replay_store_path,
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
-from portcullis.chain import COMPLETED, passed_in
+from portcullis.chain import COMPLETED, newest_passed, passed_in
+from portcullis.change import Change, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
@@ -42,9 +45,15 @@ from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict, Severity
 from portcullis.settings import Settings
 from portcullis.verification import CheckResult
-from tasks.approval import request_approvals, subject_for_current_run
+from tasks.approval import (
+    canary_decision_policy,
+    decide_inconclusive_canary,
+    request_approvals,
+    requester_for_current_run,
+    subject_for_current_run,
+)
 from tasks.build import build_image
-from tasks.canary import CanaryReport, ask_person, rollout
+from tasks.canary import CanaryReport, rollout
 from tasks.deploy import deploy
 from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
 from tasks.gitops import commit_promotion
@@ -187,9 +196,10 @@ class Emergency(Frozen):
 
 
 def emergency_policy(policy: EnvironmentPolicy) -> EnvironmentPolicy:
-    """The policy the emergency path runs under: the shorter approval rule and a CRITICAL-only
-    scan gate. Signature, provenance and SBOM checks are unchanged; freeze windows are
-    bypassed by :func:`deploy_side`, with the ticket in the audit trail.
+    """The policy the emergency path runs under: the shorter approval rule, a CRITICAL-only
+    scan gate, and the digest must have passed dev. Signature, provenance and SBOM checks are
+    unchanged; freeze windows are bypassed by :func:`deploy_side`, with the ticket in the
+    audit trail; the requester is verified and can never approve, so two people are involved.
     """
     if policy.emergency_approval is None:
         raise PolicyRefusal(f"{policy.environment} has no emergency path in its policy")
@@ -197,7 +207,42 @@ def emergency_policy(policy: EnvironmentPolicy) -> EnvironmentPolicy:
     if scan.threshold.rank < Severity.CRITICAL.rank:
         # A HIGH finding may ride along with a hotfix; a CRITICAL one never does.
         scan = scan.model_copy(update={"threshold": Severity.CRITICAL})
-    return policy.model_copy(update={"approval": policy.emergency_approval, "scan": scan})
+    # Expedited, never bypassed: the digest must still have been built and verified by
+    # Portcullis and passed dev; skipping staging is stated in the post-incident review.
+    return policy.model_copy(update={"approval": policy.emergency_approval, "scan": scan,
+                                     "promote_from": "dev"})
+
+
+def establish_requester(
+    policy: EnvironmentPolicy, requested_by: str, requester_code: str, audit: RunAudit,
+) -> Requester:
+    """Who asked for this promotion, proven before any work is done (see
+    :func:`tasks.approval.requester_for_current_run`), and recorded."""
+    must_verify = policy.approval is not None
+    directory = replay = None
+    if must_verify or requester_code.strip():
+        directory = ApprovalSettings().load_directory()
+        replay = FileReplayStore(replay_store_path(audit.log.path))
+    try:
+        requester = requester_for_current_run(requested_by, requester_code, directory=directory,
+                                              replay=replay, must_verify=must_verify)
+    except PolicyRefusal as exc:
+        audit.record("requester.refused", actor="unverified", claimed=requested_by, reason=str(exc))
+        raise
+    audit.record("requester.established", actor=requester.name if requester.verified else "unverified",
+                 requester=requester.name, proof=requester.proof.value)
+    return requester
+
+
+def _change(app: str, environment: str, provenance: dict[str, str], settings: Settings,
+            audit: RunAudit) -> Change:
+    """The commits this promotion brings into the environment, and who wrote them."""
+    running = newest_passed(audit.log, app, environment)
+    repo = local_repository(provenance["repository"], settings.home / "sources")
+    change = change_between(repo, provenance["commit"], running.commit if running else None)
+    audit.record("change.listed", base=change.base, commits=change.commits,
+                 authors=list(change.authors))
+    return change
 
 
 def deploy_side(
@@ -205,18 +250,20 @@ def deploy_side(
     environment: str,
     image: ImageRef,
     built: BuiltEvidence | None,
-    requested_by: str,
+    requester: Requester,
     deploy_block: str | None,
     settings: Settings,
     policy: EnvironmentPolicy,
     audit: RunAudit,
     *,
     emergency: Emergency | None = None,
+    before_traffic: Callable[[], None] | None = None,
 ) -> PromotionResult:
     """Everything after the build, on the deploy side: verify, freeze, approve, lock, deploy.
 
     Loads only deploy credentials. With ``emergency`` the freeze windows are recorded as
-    bypassed instead of enforced; every other gate runs.
+    bypassed instead of enforced; every other gate runs. ``before_traffic`` is a last gate
+    run under the lock right before anything changes (the emergency path re-reads its ticket).
     """
     audit.digest = image.digest
     deploy_creds = DeployCredentials.resolve(deploy_block)
@@ -234,15 +281,24 @@ def deploy_side(
     provenance = next(c.facts for c in checks if c.check == "provenance")
     audit.commit = provenance["commit"]
 
+    subject_cache: list[ApprovalSubject] = []
+
+    def subject() -> ApprovalSubject:
+        # Built once, when a person is first asked: listing the change reads the source history.
+        if not subject_cache:
+            change = _change(app, environment, provenance, settings, audit)
+            subject_cache.append(subject_for_current_run(
+                app=app, environment=environment, digest=image.digest,
+                commit=provenance["commit"], author=provenance["author"], requester=requester,
+                change_authors=change.authors,
+            ))
+        return subject_cache[0]
+
     approved_by: tuple[str, ...] = ()
     if policy.approval is not None:
         freeze("before-approval")
-        subject = subject_for_current_run(
-            app=app, environment=environment, digest=image.digest, commit=provenance["commit"],
-            author=provenance["author"], requested_by=requested_by,
-        )
         outcome: ApprovalOutcome = request_approvals(
-            subject, policy.approval, ApprovalSettings().load_directory(), audit.log,
+            subject(), policy.approval, ApprovalSettings().load_directory(), audit.log,
             freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
@@ -251,6 +307,8 @@ def deploy_side(
         # Re-check after the lock: time passed while waiting for approvals and the slot.
         freeze("before-traffic")
         checks = _verify(image, policy, audit, deploy_block, "after-lock")
+        if before_traffic is not None:
+            before_traffic()
         canary_report: CanaryReport | None = None
         gitops: GitOpsCommit | None = None
         deployment: Deployment | None = None
@@ -265,7 +323,7 @@ def deploy_side(
         else:
             deployment, canary_report = _canary(
                 image, app, environment, provenance["commit"], deploy_creds, policy, settings,
-                audit, ",".join(approved_by))
+                audit, ",".join(approved_by), subject)
         audit.record(COMPLETED, image=str(image), approved_by=list(approved_by),
                      url=deployment.url if deployment else None,
                      container=deployment.container_name if deployment else None,
@@ -291,6 +349,7 @@ def deploy_side(
 def _canary(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials,
     policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, approved_by: str,
+    subject: Callable[[], ApprovalSubject],
 ) -> tuple[Deployment, CanaryReport | None]:
     """Roll out behind the router with canary analysis; a person decides an Inconclusive."""
     assert policy.canary is not None
@@ -303,11 +362,11 @@ def _canary(
     provider = PrometheusProvider(settings.prometheus_url)
 
     def person(verdict: Verdict) -> tuple[Literal["promote", "rollback"], str]:
-        return ask_person(
-            verdict, app=app, environment=environment, digest=image.digest,
-            directory=ApprovalSettings().load_directory(), policy=policy.approval,
-            replay=FileReplayStore(replay_store_path(audit.log.path)), record=audit.record,
-            poll_interval=int(settings.approval_poll_seconds), timeout=timedelta(hours=1),
+        analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
+        return decide_inconclusive_canary(
+            subject(), canary_decision_policy(environment, policy.approval, timedelta(hours=1)),
+            ApprovalSettings().load_directory(), audit.log, analysis,
+            poll_interval=int(settings.approval_poll_seconds),
         )
 
     try:
@@ -365,6 +424,7 @@ def promote(
     context_path: str = "examples/hello",
     image: str | None = None,
     requested_by: str = "unknown",
+    requester_code: str = "",
     build_credentials_block: str | None = None,
     deploy_credentials_block: str | None = None,
 ) -> PromotionResult:
@@ -382,7 +442,10 @@ def promote(
         context_path: directory holding the Dockerfile.
         image: for environments that promote (staging, prod): the digest-pinned image that
             passed the previous environment. Building environments refuse it.
-        requested_by: who asked for the promotion; they can never approve it.
+        requested_by: who asked for the promotion (their directory id); they can never
+            approve it.
+        requester_code: their current code, proving ``requested_by`` (required where a
+            person must approve).
         build_credentials_block: saved build credentials; None reads PORTCULLIS_BUILD_*.
         deploy_credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
 
@@ -392,6 +455,7 @@ def promote(
     settings, policy, audit = start_run(app, environment, requested_by, image=image,
                                         commit=commit if image is None else None)
     with refusals_recorded(audit):
+        requester = establish_requester(policy, requested_by, requester_code, audit)
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(deploy_credentials_block)), audit)
         built: BuiltEvidence | None = None
         if policy.promote_from is None:
@@ -402,5 +466,5 @@ def promote(
             target = built.build.image
         else:
             target = promoted_image(policy, image, audit)
-        return deploy_side(app, environment, target, built, requested_by,
+        return deploy_side(app, environment, target, built, requester,
                            deploy_credentials_block, settings, policy, audit)

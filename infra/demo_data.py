@@ -90,6 +90,8 @@ DEMO_APPROVERS = {
     "alice": (("security",), ("alice@example.com",)),
     "bob": (("platform",), ("bob@example.com",)),
     "carol": (("platform", "on-call"), ("carol@example.com",)),
+    # A developer who asks for promotions (proves it with a code) and approves nothing.
+    "trent": ((), ("trent@example.com",)),
 }
 
 

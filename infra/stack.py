@@ -22,6 +22,7 @@ import docker
 
 from infra import prefect_server, registry
 from infra.base_image import ensure_base_image
+from infra.change_calendar import ensure_calendar, stop_calendar
 from infra.demo_data import (
     ensure_approvers,
     ensure_gitops_repo,
@@ -43,6 +44,8 @@ class StackConfig:
     state_dir: Path
     registry_port: int = 5000
     prefect_port: int = 4200
+    #: The change calendar prod's policy consults (policies/prod.toml names this port).
+    calendar_port: int = 8470
     with_prefect: bool = True
     traffic_ports: TrafficPorts = field(default_factory=lambda: TrafficPorts(
         syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090))
@@ -54,6 +57,7 @@ class StackConfig:
             state_dir=Path(os.environ.get("PORTCULLIS_HOME", REPO_ROOT / ".stack")).resolve(),
             registry_port=int(os.environ.get("PORTCULLIS_REGISTRY_PORT", "5000")),
             prefect_port=int(os.environ.get("PORTCULLIS_PREFECT_PORT", "4200")),
+            calendar_port=int(os.environ.get("PORTCULLIS_CALENDAR_PORT", "8470")),
         )
 
 
@@ -78,6 +82,8 @@ class StackInfo:
     prometheus_url: str
     gitops_repo: str
     approvers_file: str
+    calendar_url: str
+    calendar_token: str
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -103,6 +109,7 @@ class StackInfo:
             "PORTCULLIS_GITOPS_REPO_URL": self.gitops_repo,
             "PORTCULLIS_GITOPS_WORKDIR": f"{self.state_dir}/gitops-work",
             "PORTCULLIS_APPROVERS_FILE": self.approvers_file,
+            "PORTCULLIS_DEPLOY_CHANGE_CALENDAR_TOKEN": self.calendar_token,
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
@@ -141,6 +148,7 @@ def up(config: StackConfig) -> StackInfo:
     traffic = ensure_traffic(state / "traffic", config.traffic_ports)
     gitops_repo = ensure_gitops_repo(state, REPO_ROOT / "examples" / "gitops")
     approvers = ensure_approvers(state)
+    calendar_url, calendar_token = ensure_calendar(state / "calendar", config.calendar_port)
     info = StackInfo(
         docker_host=engine.host,
         docker_private=engine.private,
@@ -159,6 +167,8 @@ def up(config: StackConfig) -> StackInfo:
         prometheus_url=traffic.prometheus_url,
         gitops_repo=gitops_repo,
         approvers_file=str(approvers),
+        calendar_url=calendar_url,
+        calendar_token=calendar_token,
     )
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"
@@ -172,6 +182,8 @@ def down(config: StackConfig) -> list[str]:
     """Stop everything :func:`up` started. Returns the names of what was stopped."""
     state = config.state_dir
     stopped = stop_traffic(state / "traffic")
+    if stop_calendar(state / "calendar"):
+        stopped.append("change-calendar")
     if prefect_server.stop_server(state / "prefect"):
         stopped.append("prefect-server")
     if registry.stop_registry(state / "registry"):
@@ -189,6 +201,7 @@ def _describe(info: StackInfo) -> str:
         f"prefect server  {info.prefect_api_url or 'not started'}",
         f"prometheus      {info.prometheus_url}  (scrapes the HAProxy router and its latency log)",
         f"gitops repo     {info.gitops_repo}  (prod overlays; Argo CD/Flux would apply them)",
+        f"change calendar {info.calendar_url}  (freezes in {info.state_dir}/calendar/freezes.json)",
         f"base image      {info.base_image_id}",
     ]
     return "\n".join(lines)
@@ -212,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         public = asdict(info)
-        for secret in ("build_password", "deploy_password", "cosign_private_key", "cosign_password"):
+        for secret in ("build_password", "deploy_password", "cosign_private_key", "cosign_password",
+                       "calendar_token"):
             public.pop(secret)
         print(json.dumps(public, indent=2))
     else:

@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
     result = promote(
         app=args.app, environment=args.environment, source_repo=str(repo), commit=args.commit,
         ref=args.ref, context_path=args.context_path, image=args.image,
-        requested_by=args.requested_by,
+        requested_by=args.requested_by, requester_code=args.requester_code,
     )
     deployment = result.deployment
     if deployment is None:
@@ -59,6 +59,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reauthorise(ticket: str, approver: str, code: str, reason: str) -> int:
+    from datetime import UTC, datetime
+
+    from portcullis.emergency import reauthorise_ticket
+    from portcullis.settings import Settings
+
+    use = reauthorise_ticket(Settings(), ticket, approver, code, reason, datetime.now(UTC))
+    print(f"{use.ticket} may now open {use.allowed} emergency promotion(s); "
+          f"it has opened {len(use.runs)}")
+    return 0
+
+
 def _code(name: str) -> int:
     import pyotp
 
@@ -88,13 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--image", default=None,
                       help="staging/prod: the digest-pinned image that passed the previous environment")
     demo.add_argument("--requested-by", default=os.environ.get("USER", "unknown"),
-                      help="who asks for this promotion (they can never approve it)")
+                      help="who asks for this promotion: your directory id (you can never approve it)")
+    demo.add_argument("--requester-code", default="",
+                      help="your current authenticator code, proving --requested-by (needed "
+                      "where people approve: staging, prod)")
+    reauth = sub.add_parser(
+        "reauthorise-ticket",
+        help="let an incident ticket open one more emergency promotion (an on-call approver, verified)")
+    reauth.add_argument("ticket")
+    reauth.add_argument("--approver", required=True, help="your approver id")
+    reauth.add_argument("--code", required=True, help="your current authenticator code")
+    reauth.add_argument("--reason", required=True, help="why this ticket needs another emergency promotion")
     code = sub.add_parser("code", help="print an approver's current code (plays their authenticator app on the local stack)")
     code.add_argument("approver")
     args = parser.parse_args(argv)
     try:
         if args.command == "code":
             return _code(args.approver)
+        if args.command == "reauthorise-ticket":
+            return _reauthorise(args.ticket, args.approver, args.code, args.reason)
         return _demo(args)
     except PortcullisError as exc:
         print(f"portcullis: refused: {exc}", file=sys.stderr)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import errno
 import hmac
 import json
+import os
 import re
 import stat
 import tomllib
@@ -139,36 +141,87 @@ class ApproverDirectory(Frozen):
     def load(cls, path: Path) -> ApproverDirectory:
         """Read the directory from a TOML file with ``[[approver]]`` tables.
 
-        The file holds TOTP secrets, so it is refused when anyone but its owner can read or
-        write it, or when others can replace it through its folder.
+        The file holds TOTP secrets, so it is refused unless it is owned by this process's
+        account (the worker's) or root, has mode 0600 (or stricter), sits in a folder that
+        only that owner can write, and is reached through no symlink anywhere on its path.
+        It is opened with ``O_NOFOLLOW`` and checked on the open descriptor, so it cannot be
+        swapped between the check and the read.
 
         Raises:
-            ConfigurationError: the file is missing, too open, or malformed.
+            ConfigurationError: the file is missing, too open, owned by someone else, reached
+                through a symlink, or malformed.
         """
+        text = read_private_file(path, what="approver directory",
+                                 hint="set PORTCULLIS_APPROVERS_FILE to the deploy-side approvers file")
         try:
-            info = path.stat()
-            parent = path.parent.stat()
+            data = tomllib.loads(text)
+            return cls(approvers=tuple(data.get("approver", ())))
+        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+            raise ConfigurationError(f"approver directory {path} is malformed: {exc}") from None
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def read_private_file(path: Path, *, what: str, hint: str) -> str:
+    """Read a secret-holding file only if nobody but its trusted owner could have written it.
+
+    Args:
+        path: absolute or relative path; no component may be a symlink.
+        what: what the file is, for error messages ("approver directory").
+        hint: what to do when it cannot be read at all.
+
+    Raises:
+        ConfigurationError: naming the exact condition that failed.
+    """
+    absolute = Path(os.path.abspath(path))
+    # Every component must be a real directory owned by root or us, writable by nobody else:
+    # otherwise someone else could swap the file or a folder above it.
+    for parent in reversed(absolute.parents):
+        try:
+            info = parent.lstat()
         except OSError as exc:
+            raise ConfigurationError(f"{what} {path} cannot be read: {exc}", hint=hint) from None
+        if stat.S_ISLNK(info.st_mode):
             raise ConfigurationError(
-                f"approver directory {path} cannot be read: {exc}",
-                hint="set PORTCULLIS_APPROVERS_FILE to the deploy-side approvers file",
-            ) from None
+                f"{what} {path} is reached through the symlink {parent}; refused",
+                hint="point the setting at the real path, in a folder only the worker's account can write",
+            )
+    folder = absolute.parent.lstat()
+    if not _trusted_owner(folder.st_uid) or folder.st_mode & 0o022:
+        raise ConfigurationError(
+            f"the folder {absolute.parent} of {what} {path} can be written by someone other "
+            f"than its owner, or is owned by uid {folder.st_uid} (mode {stat.filemode(folder.st_mode)})",
+            hint=f"chown the folder to the worker's account and chmod 700 {absolute.parent}",
+        )
+    try:
+        fd = os.open(absolute, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigurationError(f"{what} {path} is a symlink; refused",
+                                     hint="point the setting at the real file") from None
+        raise ConfigurationError(f"{what} {path} cannot be read: {exc.strerror}", hint=hint) from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(f"{what} {path} is not a regular file")
+        if not _trusted_owner(info.st_uid):
+            raise ConfigurationError(
+                f"{what} {path} is owned by uid {info.st_uid}, not by the worker's account "
+                f"(uid {os.geteuid()}) or root",
+                hint="chown the file to the worker's account",
+            )
         if info.st_mode & 0o077:
             raise ConfigurationError(
-                f"approver directory {path} is accessible to group/others "
-                f"(mode {stat.filemode(info.st_mode)}); it holds TOTP secrets",
+                f"{what} {path} is accessible to group/others "
+                f"(mode {stat.filemode(info.st_mode)}); it holds secrets",
                 hint=f"chmod 600 {path}",
             )
-        if parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
-            raise ConfigurationError(
-                f"the folder of approver directory {path} is writable by anyone",
-                hint="keep the file in a folder only the deploy account can write",
-            )
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-            return cls(approvers=tuple(data.get("approver", ())))
-        except (tomllib.TOMLDecodeError, ValidationError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"approver directory {path} is malformed: {exc}") from None
+            return fh.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"{what} {path} is not UTF-8: {exc}") from None
 
 
 class ApprovalSettings(BaseSettings):
@@ -237,7 +290,15 @@ class ApprovalSubject(Frozen):
     digest: Digest
     commit: CommitSha
     author: str = Field(description="commit author, 'Name <email>'")
-    triggered_by: str = Field(description="who started the run, as recorded by the platform")
+    change_authors: tuple[str, ...] = Field(
+        default=(),
+        description="every author and committer ('Name <email>') of every commit in the change: "
+        "the commits between what runs in the environment and the promoted commit",
+    )
+    triggered_by: str = Field(
+        description="the verified requester's directory id, or 'scheduler' for a run the "
+        "Prefect server's scheduler created"
+    )
     triggered_at: datetime = Field(description="when the run started, from the server")
 
     @field_validator("triggered_at")
@@ -374,6 +435,64 @@ class FileReplayStore(ReplayStore):
             last[approver] = step
             write_atomic(self.path, json.dumps(last, sort_keys=True).encode() + b"\n")
             return True
+
+
+SCHEDULER = "scheduler"
+
+
+class RequesterProof(enum.StrEnum):
+    """How the person (or system) who started a promotion was established."""
+
+    TOTP = "totp"
+    """An enrolled identity's code, verified on the deploy side and burned."""
+    SCHEDULE = "schedule"
+    """The Prefect server's scheduler created the run (``auto_scheduled``, not settable by clients)."""
+    UNVERIFIED = "unverified"
+    """A name typed by the caller; accepted only where no person must approve."""
+
+
+class Requester(Frozen):
+    """Who asked for a promotion, and how we know."""
+
+    name: str = Field(description="directory id, 'scheduler', or the typed name if unverified")
+    proof: RequesterProof
+    totp_step: int | None = None
+
+    @property
+    def verified(self) -> bool:
+        """True unless the name is only what the caller typed."""
+        return self.proof is not RequesterProof.UNVERIFIED
+
+
+def verify_requester(
+    directory: ApproverDirectory, claimed: str, code: str, at: datetime, replay: ReplayStore
+) -> Requester:
+    """Prove who asks for a promotion with their current code, like an approval.
+
+    The requester can then never approve: the ledger excludes them by every identity the
+    directory lists for them. The code is burned, so the same code cannot also approve.
+
+    Raises:
+        PolicyRefusal: unknown identity, wrong or expired code, or a code already used.
+    """
+    person = directory.get(claimed)
+    if person is None:
+        raise PolicyRefusal(
+            f"requester {claimed!r} is not an enrolled identity; a promotion started by a "
+            "person must name their directory id",
+            hint="pass requested_by=<your id> and requester_code=<your current code>",
+        )
+    step = verify_totp(person, code, _aware(at))
+    if step is None:
+        raise PolicyRefusal(
+            f"the requester code for {person.name} is wrong or expired",
+            hint="pass the current 6-digit code from your authenticator as requester_code",
+        )
+    if not replay.claim(person.name, step):
+        raise PolicyRefusal(
+            f"the requester code for {person.name} was already used; wait for the next code",
+        )
+    return Requester(name=person.name, proof=RequesterProof.TOTP, totp_step=step)
 
 
 def _match_groups(groups: tuple[str, ...], approvals: Iterable[AcceptedDecision]) -> dict[str, str]:
@@ -557,6 +676,13 @@ class ApprovalLedger:
             return refuse(
                 Refusal.SELF_APPROVAL,
                 f"{approver.name} wrote commit {self.subject.commit[:12]} and cannot approve it",
+            )
+        wrote = next((a for a in self.subject.change_authors if approver.is_known_as(a)), None)
+        if wrote is not None:
+            return refuse(
+                Refusal.SELF_APPROVAL,
+                f"{approver.name} authored a commit in this change (as {wrote}) and cannot "
+                "approve it",
             )
         if approver.is_known_as(self.subject.triggered_by):
             return refuse(
@@ -773,6 +899,7 @@ def render_approval_request(
 
 
 __all__ = [
+    "SCHEDULER",
     "AcceptedDecision",
     "ApprovalDecision",
     "ApprovalLedger",
@@ -787,6 +914,8 @@ __all__ = [
     "MemoryReplayStore",
     "Refusal",
     "ReplayStore",
+    "Requester",
+    "RequesterProof",
     "ScanComparison",
     "SubmitResult",
     "Verdict",
@@ -794,4 +923,5 @@ __all__ = [
     "md_text",
     "render_approval_request",
     "replay_store_path",
+    "verify_requester",
 ]

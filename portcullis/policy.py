@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from datetime import timedelta
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from portcullis.approval import ApprovalPolicy
 from portcullis.canary.analysis import CanaryPolicy
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import FreezePolicy
+from portcullis.incidents import DEFAULT_MAX_TICKET_AGE
 from portcullis.models import Frozen
 from portcullis.scan import ScanPolicy
 
@@ -49,6 +51,11 @@ class EnvironmentPolicy(Frozen):
         default=None,
         description="the shorter rule for the emergency path (e.g. one on-call approver); "
         "None: this environment has no emergency path",
+    )
+    emergency_ticket_max_age: timedelta = Field(
+        default=DEFAULT_MAX_TICKET_AGE,
+        description="how long after it was opened an incident ticket may still justify an "
+        "emergency promotion",
     )
     target: Literal["docker", "gitops"] = Field(
         default="docker",

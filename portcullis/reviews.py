@@ -59,6 +59,9 @@ class PostIncidentReview(Frozen):
     flow_run_id: str = Field(min_length=1, description="the emergency flow run")
     opened_at: AwareDatetime
     due_at: AwareDatetime = Field(description="opened_at + 48 hours")
+    skipped_environments: tuple[str, ...] = Field(
+        default=(), description="environments the emergency change went past (e.g. staging)"
+    )
     closed_at: AwareDatetime | None = None
     closed_by: str | None = None
     notes: str | None = None
@@ -181,6 +184,7 @@ class ReviewStore:
         environment: str,
         digest: str,
         flow_run_id: str,
+        skipped_environments: tuple[str, ...] = (),
         now: datetime | None = None,
     ) -> PostIncidentReview:
         """Open the review of one emergency deployment, due 48 hours from ``now``.
@@ -194,6 +198,7 @@ class ReviewStore:
             environment: where it was deployed.
             digest: the deployed image digest.
             flow_run_id: the emergency flow run.
+            skipped_environments: environments the change did not pass through.
             now: when the review opens; default the current time.
 
         Returns:
@@ -206,6 +211,7 @@ class ReviewStore:
             environment=environment,
             digest=digest,
             flow_run_id=flow_run_id,
+            skipped_environments=skipped_environments,
             opened_at=opened_at,
             due_at=opened_at + REVIEW_WINDOW,
         )
@@ -326,12 +332,13 @@ def render_report(
             f"| {_cell(review.ticket)} | {_cell(review.app)} | {_cell(review.environment)} "
             f"| `{review.digest[:19]}` | {run_link(review)} "
             f"| {review.opened_at.astimezone(UTC):%Y-%m-%d %H:%M} "
-            f"| {review.due_at.astimezone(UTC):%Y-%m-%d %H:%M} | {when} |"
+            f"| {review.due_at.astimezone(UTC):%Y-%m-%d %H:%M} "
+            f"| {_cell(', '.join(review.skipped_environments)) or 'none'} | {when} |"
         )
 
     header = (
-        "| ticket | app | environment | digest | flow run | opened (UTC) | due (UTC) | {} |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| ticket | app | environment | digest | flow run | opened (UTC) | due (UTC) | skipped "
+        "| {} |\n|---|---|---|---|---|---|---|---|---|"
     )
     verdict = f"**{len(overdue)} overdue**" if overdue else "No review is overdue."
     lines = [

@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Literal, NoReturn, assert_never
+from datetime import UTC, datetime, timedelta
+from typing import Literal, NoReturn
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -26,6 +27,7 @@ from prefect.input import RunInput
 from pydantic import Field, ValidationError
 
 from portcullis.approval import (
+    SCHEDULER,
     ApprovalDecision,
     ApprovalLedger,
     ApprovalOutcome,
@@ -35,39 +37,107 @@ from portcullis.approval import (
     FileReplayStore,
     LedgerState,
     ReplayStore,
+    Requester,
+    RequesterProof,
     ScanComparison,
     SubmitResult,
     Verdict,
+    md_text,
     render_approval_request,
     replay_store_path,
+    verify_requester,
 )
 from portcullis.audit import AuditEntry, AuditLog, AuditRecord
 from portcullis.errors import PolicyRefusal
 from portcullis.freeze import FreezeStatus
 
 
-class ApprovalForm(RunInput):
-    """The resume form. Everything typed here is unverified until the ledger checks it."""
+class _DecisionForm(RunInput):
+    """What every human decision carries. Everything typed here is unverified until the ledger
+    checks it."""
 
     approver: str = Field(description="Your approver id, e.g. alice")
     code: str = Field(description="The current 6-digit code from your authenticator app")
     digest_prefix: str = Field(
-        description="The first hex characters of the image digest, to confirm what you approve"
-    )
-    decision: Literal["approve", "reject"] = Field(
-        description="approve, or reject to stop this promotion"
+        description="The first hex characters of the image digest, to confirm what you decide"
     )
     comment: str = Field(default="", description="Optional: why (kept in the audit log)")
 
+    def _decision(self, verdict: Verdict) -> ApprovalDecision:
+        return ApprovalDecision(approver=self.approver, code=self.code, verdict=verdict,
+                                digest_prefix=self.digest_prefix, comment=self.comment)
+
+
+class ApprovalForm(_DecisionForm):
+    """The approval form: approve, or reject to stop the promotion."""
+
+    decision: Literal["approve", "reject"] = Field(
+        description="approve, or reject to stop this promotion"
+    )
+
+    def decision_for_ledger(self) -> ApprovalDecision:
+        """The unverified decision the ledger checks."""
+        return self._decision(Verdict(self.decision))
+
+
+class CanaryDecisionForm(_DecisionForm):
+    """A person's decision on an Inconclusive canary, verified like an approval."""
+
+    decision: Literal["promote", "rollback"] = Field(
+        description="promote the canary to all traffic, or roll back to stable"
+    )
+
+    def decision_for_ledger(self) -> ApprovalDecision:
+        """promote counts as an approval, rollback as a rejection."""
+        return self._decision(Verdict.APPROVE if self.decision == "promote" else Verdict.REJECT)
+
+
+def _current_run() -> FlowRun:
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        raise RuntimeError("this must be called inside a flow run")
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(context.flow_run.id)
+
+
+def requester_for_current_run(
+    requested_by: str, requester_code: str, *, directory: ApproverDirectory | None,
+    replay: ReplayStore | None, must_verify: bool,
+) -> Requester:
+    """Who started this run, established from what the caller cannot forge.
+
+    A run the Prefect server's scheduler created (``auto_scheduled``, which no API client can
+    set) is the scheduler's, whatever ``requested_by`` says. Any other run was started by a
+    person, who proves it with their current code; where ``must_verify`` (a person must
+    approve) an unproven name is refused, elsewhere it is recorded as unverified.
+
+    Raises:
+        PolicyRefusal: the proof is missing, wrong, or replayed where it is required.
+    """
+    if _current_run().auto_scheduled:
+        return Requester(name=SCHEDULER, proof=RequesterProof.SCHEDULE)
+    if requester_code.strip():
+        if directory is None or replay is None:
+            raise PolicyRefusal("a requester code was given but this side has no identity directory")
+        return verify_requester(directory, requested_by, requester_code, datetime.now(UTC), replay)
+    if must_verify:
+        raise PolicyRefusal(
+            f"a promotion that people must approve needs a verified requester: {requested_by!r} "
+            "gave no requester code",
+            hint="pass requested_by=<your directory id> and requester_code=<your current code>",
+        )
+    return Requester(name=requested_by, proof=RequesterProof.UNVERIFIED)
+
 
 def subject_for_current_run(
-    *, app: str, environment: str, digest: str, commit: str, author: str, requested_by: str
+    *, app: str, environment: str, digest: str, commit: str, author: str, requester: Requester,
+    change_authors: tuple[str, ...] = (),
 ) -> ApprovalSubject:
     """Build the approval subject from what the Prefect server recorded for this run.
 
     The run id and start time come from the server, not from flow parameters, so a
-    parameter cannot shorten the wait timer. Prefect OSS records no user for a run; when the
-    server has a ``created_by`` (Prefect Cloud) it wins over ``requested_by``.
+    parameter cannot shorten the wait timer. The requester is the verified one (see
+    :func:`requester_for_current_run`); an unverified name still excludes that name.
 
     Args:
         app: application name.
@@ -75,19 +145,13 @@ def subject_for_current_run(
         digest: the image digest being promoted.
         commit: the source commit it was built from.
         author: the commit author, ``Name <email>``.
-        requested_by: who asked for the promotion, as the caller knows it.
+        requester: who started the run.
+        change_authors: every author and committer of the commits in the change.
 
     Returns:
         the subject for :func:`request_approvals`.
     """
-    context = FlowRunContext.get()
-    if context is None or context.flow_run is None:
-        raise RuntimeError("subject_for_current_run must be called inside a flow run")
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(context.flow_run.id)
-    triggered_by = requested_by
-    if run.created_by is not None and run.created_by.display_value:
-        triggered_by = run.created_by.display_value
+    run = _current_run()
     return ApprovalSubject(
         run_id=str(run.id),
         app=app,
@@ -95,7 +159,8 @@ def subject_for_current_run(
         digest=digest,
         commit=commit,
         author=author,
-        triggered_by=triggered_by,
+        change_authors=change_authors,
+        triggered_by=requester.name,
         triggered_at=run.start_time or run.created or datetime.now(UTC),
     )
 
@@ -137,6 +202,48 @@ def _record_submission(audit: AuditLog, subject: ApprovalSubject, result: Submit
     )
 
 
+Render = Callable[[ApprovalLedger, datetime, str | None], str]
+
+
+def _collect(
+    ledger: ApprovalLedger,
+    audit: AuditLog,
+    *,
+    form: type[ApprovalForm | CanaryDecisionForm],
+    render: Render,
+    poll_interval: int,
+    clock: Callable[[], datetime],
+) -> LedgerState:
+    """Offer ``form`` until the ledger is satisfied, rejected or timed out; every answer is
+    verified by the ledger and recorded. Returns the final state (never PENDING)."""
+    logger = get_run_logger()
+    subject = ledger.subject
+    notice: str | None = None
+    while True:
+        now = clock()
+        state = ledger.state(now)
+        if state is not LedgerState.PENDING:
+            return state
+        remaining = math.ceil((ledger.deadline - now).total_seconds())
+        try:
+            answer = pause_flow_run(
+                wait_for_input=form.with_initial_data(description=render(ledger, now, notice)),
+                timeout=max(1, remaining),
+                poll_interval=poll_interval,
+            )
+        except FlowPauseTimeout:
+            continue  # the ledger's deadline has passed: the next turn reports TIMED_OUT
+        except ValidationError as exc:
+            # Resumed without (valid) input, e.g. straight through the API.
+            notice = f"the last answer was not a complete form: {exc.errors()[0]['msg']}"
+            audit.append(_entry(subject, "approval.refused", "unverified", message=notice))
+            continue
+        result = ledger.submit(answer.decision_for_ledger(), clock())
+        _record_submission(audit, subject, result)
+        notice = result.message if result.accepted else f"Refused: {result.message}"
+        logger.info("decision submitted: %s", notice)
+
+
 def request_approvals(
     context: ApprovalSubject,
     policy: ApprovalPolicy,
@@ -175,67 +282,23 @@ def request_approvals(
     subject = context
     store = replay or FileReplayStore(replay_store_path(audit.path))
     ledger = ApprovalLedger(policy, directory, subject, store, opened_at=clock())
-    audit.append(
-        _entry(
-            subject,
-            "approval.requested",
-            "portcullis",
-            author=subject.author,
-            triggered_by=subject.triggered_by,
-            required_approvals=policy.required_approvals,
-            required_groups=list(policy.required_groups),
-            deadline=ledger.deadline.isoformat(),
-            ready_at=ledger.ready_at.isoformat(),
-        )
-    )
-    notice: str | None = None
-    while True:
-        now = clock()
-        state = ledger.state(now)
-        if state is LedgerState.SATISFIED:
-            break
-        if state is LedgerState.REJECTED:
-            reason = ledger.rejection_reason or "rejected"
-            audit.append(_entry(subject, "approval.stopped", "portcullis", reason=reason))
-            raise PolicyRefusal(
-                f"promotion of {subject.app} to {subject.environment} was {reason}",
-                hint="fix what the approver objected to and start a new promotion",
-            )
-        if state is LedgerState.TIMED_OUT:
-            _time_out(audit, subject, ledger)
-        elif state is not LedgerState.PENDING:
-            assert_never(state)
+    _record_request(audit, ledger, "approval.requested")
 
-        description = render_approval_request(
-            ledger, now, freeze=freeze(now) if freeze else None, scan=scan, notice=notice
+    def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
+        return render_approval_request(
+            ledger, now, freeze=freeze(now) if freeze else None, scan=scan, notice=notice)
+
+    state = _collect(ledger, audit, form=ApprovalForm, render=render,
+                     poll_interval=poll_interval, clock=clock)
+    if state is LedgerState.REJECTED:
+        reason = ledger.rejection_reason or "rejected"
+        audit.append(_entry(subject, "approval.stopped", "portcullis", reason=reason))
+        raise PolicyRefusal(
+            f"promotion of {subject.app} to {subject.environment} was {reason}",
+            hint="fix what the approver objected to and start a new promotion",
         )
-        remaining = math.ceil((ledger.deadline - now).total_seconds())
-        try:
-            answer = pause_flow_run(
-                wait_for_input=ApprovalForm.with_initial_data(description=description),
-                timeout=max(1, remaining),
-                poll_interval=poll_interval,
-            )
-        except FlowPauseTimeout:
-            _time_out(audit, subject, ledger)
-        except ValidationError as exc:
-            # Resumed without (valid) input, e.g. straight through the API.
-            notice = f"the last answer was not a complete form: {exc.errors()[0]['msg']}"
-            audit.append(_entry(subject, "approval.refused", "unverified", message=notice))
-            continue
-        result = ledger.submit(
-            ApprovalDecision(
-                approver=answer.approver,
-                code=answer.code,
-                verdict=Verdict(answer.decision),
-                digest_prefix=answer.digest_prefix,
-                comment=answer.comment,
-            ),
-            clock(),
-        )
-        _record_submission(audit, subject, result)
-        notice = result.message if result.accepted else f"Refused: {result.message}"
-        logger.info("approval submission: %s", notice)
+    if state is LedgerState.TIMED_OUT:
+        _time_out(audit, subject, ledger)
 
     while not ledger.may_proceed(clock()):
         wait = (ledger.ready_at - clock()).total_seconds()
@@ -260,6 +323,82 @@ def request_approvals(
         granted_at=granted.at,
         audit_seq=granted.seq,
     )
+
+
+def _record_request(audit: AuditLog, ledger: ApprovalLedger, event: str, **details: object) -> None:
+    subject, policy = ledger.subject, ledger.policy
+    audit.append(
+        _entry(
+            subject,
+            event,
+            "portcullis",
+            author=subject.author,
+            change_authors=list(subject.change_authors),
+            triggered_by=subject.triggered_by,
+            required_approvals=policy.required_approvals,
+            required_groups=list(policy.required_groups),
+            deadline=ledger.deadline.isoformat(),
+            ready_at=ledger.ready_at.isoformat(),
+            **details,
+        )
+    )
+
+
+def canary_decision_policy(environment: str, approval: ApprovalPolicy | None,
+                           timeout: timedelta) -> ApprovalPolicy:
+    """The rule for deciding an Inconclusive canary: one verified, eligible person who is not
+    an author of the change nor the requester (the approval rule's groups, if it has one)."""
+    groups: tuple[str, ...] = ()
+    if approval is not None:
+        groups = tuple(dict.fromkeys((*approval.eligible_groups, *approval.required_groups)))
+    return ApprovalPolicy(environment=environment, required_approvals=1, eligible_groups=groups,
+                          timeout=timeout)
+
+
+def decide_inconclusive_canary(
+    subject: ApprovalSubject,
+    policy: ApprovalPolicy,
+    directory: ApproverDirectory,
+    audit: AuditLog,
+    analysis: str,
+    *,
+    replay: ReplayStore | None = None,
+    poll_interval: int = 10,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> tuple[Literal["promote", "rollback"], str]:
+    """Ask a person to decide an Inconclusive canary, through the same ledger as approvals.
+
+    ``promote`` counts as an approval and ``rollback`` as a rejection, so the same rules hold:
+    verified identity, eligibility, authors and requester excluded, lockout after wrong
+    codes, codes burned, the digest confirmed. No decision before the deadline, or a verified
+    rollback, means rollback: an undecided canary never becomes stable.
+
+    Returns:
+        the decision and who made it ("timeout" when nobody did).
+    """
+    store = replay or FileReplayStore(replay_store_path(audit.path))
+    ledger = ApprovalLedger(policy, directory, subject, store, opened_at=clock())
+    _record_request(audit, ledger, "canary.decision-requested", analysis=analysis)
+
+    def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
+        return (f"## The canary is Inconclusive\n\n{md_text(analysis, 2000)}\n\n"
+                "Answer **promote** to give it all traffic or **rollback** to return to stable.\n\n"
+                + render_approval_request(ledger, now, notice=notice))
+
+    state = _collect(ledger, audit, form=CanaryDecisionForm, render=render,
+                     poll_interval=poll_interval, clock=clock)
+    if state is LedgerState.SATISFIED:
+        who = ledger.approvals[0].approver
+        audit.append(_entry(subject, "canary.decision", who, decision="promote"))
+        return "promote", who
+    if ledger.rejection is not None:
+        who = ledger.rejection.approver
+        audit.append(_entry(subject, "canary.decision", who, decision="rollback",
+                            comment=ledger.rejection.comment))
+        return "rollback", who
+    audit.append(_entry(subject, "canary.decision-timeout", "portcullis",
+                        reason=ledger.rejection_reason or "no decision in time"))
+    return "rollback", "timeout"
 
 
 def _time_out(audit: AuditLog, subject: ApprovalSubject, ledger: ApprovalLedger) -> NoReturn:

@@ -4,7 +4,8 @@ The new version starts in the free slot and proves itself healthy; then it recei
 share of real traffic, step by step, while the analysis compares it with the stable version
 over the same windows. Successful: all traffic moves to it and the old version is retired.
 Failed or Error (or the canary container dies): traffic goes back to stable at once and the
-canary is removed. Inconclusive: a person decides, with a verified code, in the Prefect UI.
+canary is removed. Inconclusive: a person decides through ``on_inconclusive`` (the approval ledger's rules:
+tasks/approval.py ``decide_inconclusive_canary``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import docker
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from pydantic import Field
 
 from blocks.credentials import DeployCredentials
 from infra.haproxy import Router, ServerRole
-from portcullis.approval import ApprovalPolicy, ApproverDirectory, FileReplayStore, verify_totp
 from portcullis.canary.analysis import (
     AnalysisPhase,
     CanaryPolicy,
@@ -58,55 +56,6 @@ class CanaryReport(Frozen):
         default=None, description="from the start of the failing window to 100% on stable"
     )
     load: tuple[LoadResult, ...] = ()
-
-
-class CanaryDecisionForm(RunInput):
-    """A person's decision on an Inconclusive canary, proven with their TOTP code."""
-
-    approver: str = Field(description="your approver id")
-    code: str = Field(description="the 6-digit code from your authenticator app")
-    decision: Literal["promote", "rollback"] = Field(description="promote the canary, or roll back")
-    comment: str = Field(default="", description="why")
-
-
-def ask_person(
-    verdict: Verdict, *, app: str, environment: str, digest: str, directory: ApproverDirectory,
-    policy: ApprovalPolicy | None, replay: FileReplayStore, record: Record, poll_interval: int,
-    timeout: timedelta,
-) -> tuple[Literal["promote", "rollback"], str]:
-    """Pause until a verified approver decides; refused answers re-offer the form.
-
-    No answer before ``timeout`` means rollback: an undecided canary never becomes stable.
-    """
-    notice = ""
-    deadline = datetime.now(UTC) + timeout
-    while datetime.now(UTC) < deadline:
-        description = (
-            f"{notice}## Canary of {app} in {environment} is Inconclusive\n\n"
-            f"- digest `{digest}`\n- analysis: {verdict.reason}\n\n"
-            + "\n".join(f"- {a.summary()}" for a in verdict.assessments)
-            + "\n\nDecide with your approver id and the current code from your app."
-        )
-        remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
-        answer = pause_flow_run(wait_for_input=CanaryDecisionForm.with_initial_data(
-            description=description), timeout=remaining, poll_interval=poll_interval)
-        approver = directory.get(answer.approver.strip().lower())
-        now = datetime.now(UTC)
-        step = verify_totp(approver, answer.code, now) if approver else None
-        if approver is None or step is None:
-            notice = f"**Refused:** unknown approver or wrong code for {answer.approver!r}.\n\n"
-        elif policy is not None and not policy.may_approve(approver):
-            notice = f"**Refused:** {approver.name} may not decide in {environment}.\n\n"
-        elif not replay.claim(approver.name, step):
-            notice = "**Refused:** that code was used before; wait for the next one.\n\n"
-        else:
-            record("canary.decision", actor=approver.name, decision=answer.decision,
-                   comment=answer.comment)
-            return answer.decision, approver.name
-        record("canary.decision-refused", actor="unverified", claimed=answer.approver,
-               reason=notice.strip("*\n "))
-    record("canary.decision-timeout")
-    return "rollback", "timeout"
 
 
 class _Load:

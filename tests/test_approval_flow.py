@@ -19,7 +19,7 @@ import pytest
 from prefect import flow
 from prefect.client.schemas.objects import State
 
-from portcullis.approval import ApprovalPolicy, ApproverDirectory
+from portcullis.approval import ApprovalPolicy, ApproverDirectory, Requester, RequesterProof
 from portcullis.audit import AuditLog
 from portcullis.freeze import FreezePolicy, FreezeStatus, OneOffWindow, check_freeze
 from tasks.approval import request_approvals, subject_for_current_run
@@ -90,7 +90,7 @@ def gate(
         digest=DIGEST,
         commit=COMMIT,
         author="Erin Example <erin@example.com>",
-        requested_by="trent",
+        requester=Requester(name="trent", proof=RequesterProof.TOTP),
     )
     outcome = request_approvals(
         subject,

@@ -347,6 +347,44 @@ def test_directory_readable_by_others_is_refused(tmp_path: Path) -> None:
         ApproverDirectory.load(path)
 
 
+def test_directory_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "approvers.toml"
+    _write_directory(path, 0o600)
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file to another account")  # CI runs as root
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigurationError, match="owned by uid 65534"):
+        ApproverDirectory.load(path)
+
+
+def test_directory_in_a_group_writable_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "deploy-side"
+    folder.mkdir()
+    path = folder / "approvers.toml"
+    _write_directory(path, 0o600)
+    folder.chmod(0o770)
+    with pytest.raises(ConfigurationError, match="can be written by someone other"):
+        ApproverDirectory.load(path)
+
+
+def test_directory_reached_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    # The attacker's copy sits in a world-writable folder; the configured path links to it.
+    public = tmp_path / "public"
+    public.mkdir()
+    real = public / "approvers.toml"
+    _write_directory(real, 0o600)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link = private / "approvers.toml"
+    link.symlink_to(real)
+    with pytest.raises(ConfigurationError, match="symlink"):
+        ApproverDirectory.load(link)
+    linked_folder = tmp_path / "linked"
+    linked_folder.symlink_to(public)
+    with pytest.raises(ConfigurationError, match="symlink"):
+        ApproverDirectory.load(linked_folder / "approvers.toml")
+
+
 def test_directory_comes_from_deploy_side_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,14 +25,20 @@ from blocks.credentials import BuildCredentials, DeployCredentials
 from infra.haproxy import Router
 from infra.prometheus import free_tcp_port
 from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
-from portcullis.approval import ApproverDirectory, FileReplayStore
+from portcullis.approval import ApproverDirectory, Requester, RequesterProof
+from portcullis.audit import AuditLog
 from portcullis.canary.analysis import AnalysisLimits, AnalysisPhase, CanaryPolicy, CanaryStep
 from portcullis.canary.loadgen import run_load
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.environments import port_plan
 from portcullis.models import BuildResult
+from tasks.approval import (
+    canary_decision_policy,
+    decide_inconclusive_canary,
+    subject_for_current_run,
+)
 from tasks.build import build_and_push
-from tasks.canary import CanaryFailed, ask_person, rollout
+from tasks.canary import CanaryFailed, rollout
 from tasks.deploy import LABEL_APP
 from tests.conftest import AppRepo
 from tests.support.approval_driver import Resumer
@@ -191,38 +197,51 @@ def test_no_traffic_is_inconclusive_and_a_verified_person_decides(
     build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
     tmp_path: Path,
 ) -> None:
-    secret = pyotp.random_base32()
+    secret, trent_secret = pyotp.random_base32(), pyotp.random_base32()
     approvers = tmp_path / "deploy" / "approvers.toml"
     approvers.parent.mkdir(mode=0o700)
-    approvers.write_text(f'[[approver]]\nname = "olga"\ngroups = ["on-call"]\ntotp_secret = "{secret}"\n')
+    approvers.write_text(
+        f'[[approver]]\nname = "olga"\ngroups = ["on-call"]\ntotp_secret = "{secret}"\n'
+        # trent asked for this promotion: on call or not, he may not decide its canary.
+        f'[[approver]]\nname = "trent"\ngroups = ["on-call"]\ntotp_secret = "{trent_secret}"\n')
     approvers.chmod(0o600)
     v2 = _build(app_repo, app_name, build_creds, "quiet", MESSAGE='"quiet v2"')
     events = Events()
+    audit = AuditLog(tmp_path / "audit.jsonl")
 
     @flow(name="canary-decision-under-test")
     def quiet_rollout() -> str:
+        subject = subject_for_current_run(
+            app=app_name, environment="dev", digest=v2.image.digest, commit=v2.source.commit,
+            author=v2.source.author, requester=Requester(name="trent", proof=RequesterProof.TOTP))
+
         def person(verdict: Any) -> Any:
-            return ask_person(
-                verdict, app=app_name, environment="dev", digest=v2.image.digest,
-                directory=ApproverDirectory.load(approvers), policy=None,
-                replay=FileReplayStore(tmp_path / "replay.json"), record=events,
-                poll_interval=1, timeout=timedelta(minutes=2))
+            return decide_inconclusive_canary(
+                subject, canary_decision_policy("dev", None, timedelta(minutes=2)),
+                ApproverDirectory.load(approvers), audit, verdict.reason, poll_interval=1)
         _, report = _rollout(v2, app_name, deploy_creds, traffic, events, load=False,
                                       on_inconclusive=person)
         return f"{report.phase.value} by {report.decided_by}"
 
+    prefix = v2.image.digest[7:19]
     resumer = Resumer(f"{app_name}-quiet")
     thread = resumer.play([
+        lambda: {"approver": "trent", "code": pyotp.TOTP(trent_secret).now(), "decision": "promote",
+                 "digest_prefix": prefix, "comment": "my own change looks fine"},
         lambda: {"approver": "olga", "code": "000000" if pyotp.TOTP(secret).now() != "000000" else "111111",
-                 "decision": "promote", "comment": "forged"},
+                 "decision": "promote", "digest_prefix": prefix, "comment": "forged"},
         lambda: {"approver": "olga", "code": pyotp.TOTP(secret).now(), "decision": "promote",
-                 "comment": "checked the dashboards"},
+                 "digest_prefix": prefix, "comment": "checked the dashboards"},
     ])
     outcome = quiet_rollout.with_options(flow_run_name=f"{app_name}-quiet")()
     thread.join(30)
     assert resumer.error is None, resumer.error
     assert outcome == "Successful by olga"
     assert "Inconclusive" in resumer.descriptions[0]
-    assert "Refused" in resumer.descriptions[1]
-    assert ("canary.decision-refused" in events.names()) and ("canary.decision" in events.names())
+    assert "triggered this promotion" in resumer.descriptions[1]
+    assert "Refused" in resumer.descriptions[2]
+    refused = [r.details.get("refusal") for r in audit.records() if r.event == "approval.refused"]
+    assert refused == ["self-approval", "bad-code"]
+    decided = [(r.actor, r.details.get("decision")) for r in audit.records() if r.event == "canary.decision"]
+    assert decided == [("olga", "promote")]
     assert "quiet v2" in httpx.get(_front(app_name), timeout=5).text

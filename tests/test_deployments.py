@@ -71,12 +71,20 @@ pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
               pytest.mark.timeout(600)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECRETS = {name: pyotp.random_base32() for name in ("alice", "bob", "carol", "dave")}
-GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call"}
+SECRETS = {name: pyotp.random_base32() for name in
+           ("alice", "bob", "carol", "dave", "olga", "trent", "erin", "frank", "gina", "hank")}
+GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call",
+          "olga": "on-call", "trent": "developers", "erin": "developers", "frank": "developers",
+          "gina": "developers", "hank": "developers"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "Ada Author", "GIT_AUTHOR_EMAIL": "ada@example.com",
            "GIT_COMMITTER_NAME": "Ada Author", "GIT_COMMITTER_EMAIL": "ada@example.com"}
 TICKETS = {"open-p1": "INC0020001", "closed": "INC0020002", "p3": "INC0020003",
            "other-app": "INC0020004", "unknown": "INC0029999"}
+# Tickets for the attacks on the emergency path (each valid when the run starts).
+ATTACK_TICKETS = {"future": "INC0030001", "closes-mid-wait": "INC0030002", "alone": "INC0030003"}
+# Who starts each emergency case: a code is burned once used, so each person starts one run.
+REQUESTERS = {"open-p1": "trent", "closed": "erin", "p3": "frank", "other-app": "gina",
+              "unknown": "hank"}
 
 
 def _policies(directory: Path) -> None:
@@ -113,6 +121,11 @@ def _app_repo(path: Path) -> None:
     env = {**os.environ, **GIT_ENV}
     for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "hello v1"]):
         subprocess.run(["git", "-C", str(path), *argv], check=True, env=env, capture_output=True)
+
+
+def code(name: str) -> str:
+    """``name``'s current code (each person proves a requester identity once per test)."""
+    return pyotp.TOTP(SECRETS[name]).now()
 
 
 def form(name: str, digest: str) -> dict[str, Any]:
@@ -176,6 +189,10 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
         incident_row(TICKETS["p3"], state="1", priority="3", ci=app, opened=now),
         incident_row(TICKETS["other-app"], state="2", priority="1", ci="billing",
                      service="Billing", opened=now),
+        incident_row(ATTACK_TICKETS["future"], state="2", priority="1", ci=app,
+                     opened=now + timedelta(days=1)),
+        incident_row(ATTACK_TICKETS["closes-mid-wait"], state="2", priority="1", ci=app, opened=now),
+        incident_row(ATTACK_TICKETS["alone"], state="2", priority="1", ci=app, opened=now),
     ])
     builder, deployer = registry.account("builder"), registry.account("deployer")
     with serve(incidents) as incidents_url, pytest.MonkeyPatch.context() as mp:
@@ -374,7 +391,8 @@ def test_staging_refuses_a_digest_that_never_passed_dev(stack: Stack) -> None:
     ghost = "127.0.0.1:1/portcullis/ghost@sha256:" + "ab" * 32
     with get_client(sync_client=True) as client:
         created = _trigger(client, "promote-staging/staging", f"{stack.app}-ghost",
-                           app="ghost", image=ghost, requested_by="trent")
+                           app="ghost", image=ghost, requested_by="alice",
+                           requester_code=code("alice"))
         run = wait_final(client, created.id)
     assert run.state_name == "Failed"
     assert run.state is not None and "never passed dev" in str(run.state.message)
@@ -387,7 +405,8 @@ def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
         runs = {
             case: _trigger(client, "emergency-promote/emergency", f"{stack.app}-em-{case}",
                            app=stack.app, image=dev.image, incident_ticket=ticket,
-                           justification="checkout returns 502", requested_by="trent")
+                           justification="checkout returns 502", requested_by=REQUESTERS[case],
+                           requester_code=code(REQUESTERS[case]))
             for case, ticket in TICKETS.items()
         }
         resumer = Resumer(f"{stack.app}-em-open-p1")
@@ -416,8 +435,72 @@ def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
     (review,) = ReviewStore(stack.home / "reviews").for_ticket(ticket)
     assert review.app == stack.app and review.digest == dev.digest
     assert review.flow_run_id == str(good.id)
+    assert review.skipped_environments == ("staging",)
     # A refused ticket opens no review and deploys nothing.
     assert [r.ticket for r in ReviewStore(stack.home / "reviews").reviews()] == [ticket]
+
+    # The same ticket a second time: one ticket opens one emergency promotion.
+    with get_client(sync_client=True) as client:
+        again = wait_final(client, _trigger(
+            client, "emergency-promote/emergency", f"{stack.app}-em-again", app=stack.app,
+            image=dev.image, incident_ticket=ticket, justification="once more",
+            requested_by="erin", requester_code=code("erin")).id)
+    assert again.state_name == "Failed"
+    assert "already served emergency promotion" in str(again.state.message if again.state else "")
+
+
+def _emergency(client: SyncPrefectClient, stack: Stack, dev: DevPromotion, case: str,
+               requester: str) -> FlowRun:
+    return _trigger(client, "emergency-promote/emergency", f"{stack.app}-em-{case}", app=stack.app,
+                    image=dev.image, incident_ticket=ATTACK_TICKETS[case],
+                    justification="attack", requested_by=requester, requester_code=code(requester))
+
+
+def _deployed_by(stack: Stack, run: FlowRun) -> list[AuditRecord]:
+    return [r for r in stack.records("promotion.completed", "prod") if r.run_id == str(run.id)]
+
+
+def test_emergency_attacks_are_refused_and_recorded(stack: Stack, dev: DevPromotion) -> None:
+    with get_client(sync_client=True) as client:
+        # A ticket that claims to open tomorrow.
+        future = wait_final(client, _emergency(client, stack, dev, "future", "frank").id)
+        # One on-call person alone: dave asks, and dave's own approval is refused; olga, a
+        # second person, is needed.
+        alone = _emergency(client, stack, dev, "alone", "dave")
+        resumer = Resumer(alone.name)
+        thread = resumer.play([lambda: form("dave", dev.digest), lambda: form("olga", dev.digest)])
+        alone = wait_final(client, alone.id)
+        thread.join(30)
+        assert resumer.error is None, resumer.error
+        # The ticket is closed while the approval waits: checked again before traffic moves.
+        mid = _emergency(client, stack, dev, "closes-mid-wait", "gina")
+
+        def close_then_approve() -> dict[str, Any]:
+            row = next(r for r in stack.incidents.rows
+                       if r["number"][0] == ATTACK_TICKETS["closes-mid-wait"])
+            row["state"] = ("7", "Closed", None)
+            return form("olga", dev.digest)
+
+        resumer_mid = Resumer(mid.name)
+        thread = resumer_mid.play([close_then_approve])
+        mid = wait_final(client, mid.id)
+        thread.join(30)
+        assert resumer_mid.error is None, resumer_mid.error
+
+    assert future.state_name == "Failed"
+    assert "in the future" in str(future.state.message if future.state else "")
+    assert not _deployed_by(stack, future)
+
+    assert alone.state_name == "Completed", f"{alone.state.message if alone.state else ''}\n{stack.worker_logs()}"
+    assert "triggered this promotion and cannot approve it" in resumer.descriptions[1]
+    (done,) = _deployed_by(stack, alone)
+    assert done.details["approved_by"] == ["olga"]
+
+    assert mid.state_name == "Failed"
+    assert "Closed" in str(mid.state.message if mid.state else "")
+    assert not _deployed_by(stack, mid)
+    refused = [r for r in stack.records("emergency.ticket-refused", "prod") if r.run_id == str(mid.id)]
+    assert [r.details["stage"] for r in refused] == ["before-traffic"]
 
 
 def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:

@@ -10,6 +10,7 @@ racing for one environment deploy one at a time.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -30,8 +31,11 @@ pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
               pytest.mark.timeout(600)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECRETS = {name: pyotp.random_base32() for name in ("alice", "bob", "carol", "ada")}
-GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "ada": "platform"}
+SECRETS = {name: pyotp.random_base32() for name in ("alice", "bob", "carol", "ada", "trent")}
+GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "ada": "platform",
+          "trent": "developers"}
+# Every identity the directory knows for each person: bob also commits from a private address.
+ALIASES = {"bob": ["bob@example.com", "bob.personal@example.org"]}
 NO_FREEZE = '[freeze]\ncalendar = "off"\n'
 
 
@@ -57,7 +61,8 @@ def gated(pipeline_env: PipelineEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: 
     approvers = tmp_path / "deploy-side" / "approvers.toml"
     approvers.parent.mkdir(mode=0o700)
     approvers.write_text("".join(
-        f'[[approver]]\nname = "{n}"\ngroups = ["{GROUPS[n]}"]\naliases = ["{n}@example.com"]\n'
+        f'[[approver]]\nname = "{n}"\ngroups = ["{GROUPS[n]}"]\n'
+        f'aliases = {json.dumps(ALIASES.get(n, [f"{n}@example.com"]))}\n'
         f'totp_secret = "{s}"\n\n' for n, s in SECRETS.items()))
     approvers.chmod(0o600)
     monkeypatch.setenv("PORTCULLIS_POLICY_DIR", str(policy_dir))
@@ -69,6 +74,12 @@ def gated(pipeline_env: PipelineEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def form(name: str, digest: str, code: str | None = None) -> dict[str, Any]:
     return {"approver": name, "code": code or pyotp.TOTP(SECRETS[name]).now(),
             "digest_prefix": digest[7:19], "decision": "approve", "comment": "looks good"}
+
+
+def code(name: str, ahead: int = 0) -> str:
+    """``name``'s code ``ahead`` time steps from now: a code is burned once used, and the ledger
+    accepts the next step too, so a test may prove one identity twice within 30 s."""
+    return pyotp.TOTP(SECRETS[name]).at(time.time() + 30 * ahead)
 
 
 def _run(name: str, **params: Any) -> PromotionResult:
@@ -87,7 +98,7 @@ def test_dev_to_staging_to_prod_with_two_verified_approvals(
     staging_resumer = Resumer(f"{app_name}-staging")
     t1 = staging_resumer.play([lambda: form("carol", dev.image.digest)])
     staging = _run(f"{app_name}-staging", app=app_name, environment="staging", image=image,
-                   requested_by="trent")
+                   requested_by="trent", requester_code=code("trent"))
     t1.join(30)
     assert staging_resumer.error is None, staging_resumer.error
     assert staging.approved_by == ("carol",)
@@ -102,7 +113,7 @@ def test_dev_to_staging_to_prod_with_two_verified_approvals(
         lambda: form("bob", dev.image.digest),                  # platform
     ])
     prod = _run(f"{app_name}-prod", app=app_name, environment="prod", image=image,
-                requested_by="trent")
+                requested_by="trent", requester_code=code("trent", ahead=1))
     t2.join(30)
     assert prod_resumer.error is None, prod_resumer.error
     assert prod.approved_by == ("alice", "bob")
@@ -131,7 +142,8 @@ def test_staging_refuses_a_digest_that_never_passed_dev(
 ) -> None:
     ghost = "127.0.0.1:1/portcullis/ghost@sha256:" + "ab" * 32
     with pytest.raises(PolicyRefusal, match="never passed dev"):
-        _run("ghost-staging", app="ghost", environment="staging", image=ghost)
+        _run("ghost-staging", app="ghost", environment="staging", image=ghost,
+             requested_by="trent", requester_code=code("trent"))
 
 
 def test_a_freeze_window_refuses_the_run_with_its_name_reason_and_end(
@@ -143,7 +155,8 @@ def test_a_freeze_window_refuses_the_run_with_its_name_reason_and_end(
         'start = "2020-01-01T00:00:00"\nend = "2099-01-01T00:00:00"\n'))
     with pytest.raises(PolicyRefusal) as err:
         _run("frozen-prod", app="hello", environment="prod",
-             image="127.0.0.1:1/portcullis/hello@sha256:" + "cd" * 32)
+             image="127.0.0.1:1/portcullis/hello@sha256:" + "cd" * 32,
+             requested_by="trent", requester_code=code("trent"))
     message = str(err.value)
     assert "launch-week" in message and "marketing launch" in message and "2099" in message
 
@@ -176,3 +189,53 @@ def test_two_promotions_racing_for_one_environment_deploy_one_at_a_time(
     assert lock_events[0][0] == "lock.acquired" and lock_events[1] == ("lock.released", lock_events[0][1])
     assert lock_events[2][0] == "lock.acquired" and lock_events[3] == ("lock.released", lock_events[2][1])
     assert lock_events[0][1] != lock_events[2][1]
+
+
+def test_a_requester_cannot_name_someone_else_nor_go_unproven(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv,
+) -> None:
+    # trent names bob as the requester (so that trent could approve himself): bob's identity
+    # needs bob's code; trent's own code does not prove it.
+    image = "127.0.0.1:1/portcullis/hello@sha256:" + "ef" * 32
+    with pytest.raises(PolicyRefusal, match="requester code for bob is wrong"):
+        _run("impersonated-staging", app="hello", environment="staging", image=image,
+             requested_by="bob", requester_code=code("trent"))
+    with pytest.raises(PolicyRefusal, match="needs a verified requester"):
+        _run("unproven-staging", app="hello", environment="staging", image=image,
+             requested_by="bob")
+    with pytest.raises(PolicyRefusal, match="not an enrolled identity"):
+        _run("stranger-staging", app="hello", environment="staging", image=image,
+             requested_by="mallory", requester_code="123456")
+    records = AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+    refused = [(r.event, r.actor, r.details.get("claimed")) for r in records
+               if r.event == "requester.refused"]
+    assert refused == [("requester.refused", "unverified", "bob")] * 2 + [
+        ("requester.refused", "unverified", "mallory")]
+    assert not any(r.event in ("approval.requested", "promotion.completed") for r in records)
+
+
+def test_an_author_of_any_commit_in_the_change_cannot_approve(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv, app_repo: AppRepo,
+    app_name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Bob wrote an earlier commit of the change from his private address; Ada wrote HEAD.
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Robert Bee")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "bob.personal@example.org")
+    app_repo.commit_config("bob's part of the change", MESSAGE='"from bob"')
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Ada Author")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "ada@example.com")
+    app_repo.commit_config("ada's part of the change", MESSAGE='"from ada"')
+    dev = _run(f"{app_name}-dev", app=app_name, environment="dev", source_repo=str(app_repo.path),
+               commit="HEAD", ref="main", context_path=".")
+
+    resumer = Resumer(f"{app_name}-staging")
+    t = resumer.play([lambda: form("bob", dev.image.digest), lambda: form("carol", dev.image.digest)])
+    staging = _run(f"{app_name}-staging", app=app_name, environment="staging", image=str(dev.image),
+                   requested_by="trent", requester_code=code("trent"))
+    t.join(30)
+    assert resumer.error is None, resumer.error
+    assert staging.approved_by == ("carol",)
+    assert "authored a commit in this change" in resumer.descriptions[1]
+    records = AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+    listed = next(r for r in records if r.event == "change.listed" and r.environment == "staging")
+    assert "Robert Bee <bob.personal@example.org>" in listed.details["authors"]  # type: ignore[operator]

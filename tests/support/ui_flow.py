@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from portcullis.approval import ApprovalPolicy, ApproverDirectory
+from portcullis.approval import ApprovalPolicy, ApproverDirectory, Requester, RequesterProof
 from portcullis.audit import AuditLog
 from tasks.approval import request_approvals, subject_for_current_run
 
@@ -59,7 +59,7 @@ def ui_gate(audit_path: str, approvers_path: str, timeout_s: int) -> list[str]:
         digest=DIGEST,
         commit=COMMIT,
         author=AUTHOR,
-        requested_by=REQUESTED_BY,
+        requester=Requester(name=REQUESTED_BY, proof=RequesterProof.TOTP),
     )
     outcome = request_approvals(
         subject,

@@ -413,9 +413,9 @@ def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
         thread = resumer.play([lambda: form("dave", dev.digest)])
         done = {case: wait_final(client, run.id) for case, run in runs.items()}
         thread.join(30)
-    assert resumer.error is None, resumer.error
     good = done.pop("open-p1")
     assert good.state_name == "Completed", f"{good.state.message if good.state else ''}\n{stack.worker_logs()}"
+    assert resumer.error is None, resumer.error
     reasons = {
         "closed": "it is Closed (closed)",
         "p3": "it is P3 (3 - Moderate); the emergency path is for P1 and P2",

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -201,40 +204,72 @@ def cases(limit: float) -> list[tuple[Case, str]]:
     return out
 
 
+_OLD: list[Judge | None] = []
+
+
+def _run(env: str, index: int, which: str, trials: int, seed: int) -> Tally | None:
+    """One case through one judge (in a worker process)."""
+    if which == "old":
+        if not _OLD:
+            _OLD.append(_old_judge())
+        judge = _OLD[0]
+        if judge is None:
+            return None
+    else:
+        policy = load_policy(env, ROOT / "policies").canary
+        assert policy is not None, f"{env} has no canary"
+        judge = Judge(new, policy, LATENCY_BUCKETS, old=False)
+    limit = load_policy(env, ROOT / "policies").canary.limits.max_error_rate  # type: ignore[union-attr]
+    case, _ = cases(limit)[index]
+    return judge.play(case, trials, np.random.default_rng(seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=20261130)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     started = time.monotonic()
-    old = _old_judge()
+    cpu = time.process_time()
+    envs = ("dev", "staging", "prod")
+    policies = {env: load_policy(env, ROOT / "policies").canary for env in envs}
+    jobs: dict[tuple[str, int, str], Future[Tally | None]] = {}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for env in envs:
+            policy = policies[env]
+            assert policy is not None, f"{env} has no canary"
+            for index, _ in enumerate(cases(policy.limits.max_error_rate)):
+                # The old judge had a canary in dev only.
+                for which in ("new", "old") if env == "dev" else ("new",):
+                    jobs[env, index, which] = pool.submit(_run, env, index, which, args.trials,
+                                                          args.seed)
+        results = {key: job.result() for key, job in jobs.items()}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, once they have exited
+    has_old = results.get(("dev", 0, "old")) is not None
     print(f"{args.trials} rollouts per case; new judge: shipped policies/*.toml; old judge: "
-          f"{'main, dev policy' if old else 'not available'}; rates with 95% CI\n")
+          f"{'main with its dev policy' if has_old else 'not available'}; rates with 95% CI\n")
     header = f"{'case':<42} {'goal':<24} {'figure':<16} {'new judge':<22} {'old judge (main)':<22}"
-    for env in ("dev", "staging", "prod"):
-        policy = load_policy(env, ROOT / "policies").canary
-        assert policy is not None, f"{env} has no canary"
-        judge = Judge(new, policy, LATENCY_BUCKETS, old=False)
+    for env in envs:
+        policy = policies[env]
+        assert policy is not None
         steps = ", ".join(f"{s.weight}%/{s.window_seconds:g}s" for s in policy.steps)
         print(f"== {env}: steps {steps}; min_requests {policy.limits.min_requests}, "
               f"max_error_rate {policy.limits.max_error_rate:.1%}, "
               f"budget {policy.limits.false_failure_rate:g}")
         print(header)
-        for case, figure in cases(policy.limits.max_error_rate):
-            rng = np.random.default_rng(args.seed)
-            tally = judge.play(case, args.trials, rng)
-            old_text = "- (no canary on main)"
-            if old is not None and env == "dev":
-                old_tally = old.play(case, args.trials, np.random.default_rng(args.seed))
-                old_text = old_tally.rate(getattr(old_tally, figure))
-            name = figure.replace("_", " ")
-            print(f"{case.label:<42} {case.goal:<24} {name:<16} "
+        for index, (case, figure) in enumerate(cases(policy.limits.max_error_rate)):
+            tally = results[env, index, "new"]
+            assert tally is not None
+            old = results.get((env, index, "old"))
+            old_text = "- (no canary on main)" if old is None else old.rate(getattr(old, figure))
+            print(f"{case.label:<42} {case.goal:<24} {figure.replace('_', ' '):<16} "
                   f"{tally.rate(getattr(tally, figure)):<22} {old_text:<22}")
         print()
-    print(f"({time.monotonic() - started:.0f}s)")
+    print(f"({time.monotonic() - started:.0f}s wall, "
+          f"{time.process_time() - cpu + usage.ru_utime + usage.ru_stime:.0f}s CPU in {args.workers} processes)")
     return 0
-
 
 
 if __name__ == "__main__":

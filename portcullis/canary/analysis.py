@@ -69,7 +69,6 @@ from typing import Any, assert_never
 
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
-from scipy import special
 
 from portcullis.errors import ConfigurationError
 from portcullis.models import Frozen
@@ -364,6 +363,7 @@ _LOG_WEIGHTS = np.log(np.asarray(list(RATIO_GRID.values())))
 
 def binomial_upper_tail(successes: int, trials: int, p: float) -> float:
     """P(X >= successes) for X ~ Binomial(trials, p): the one-sided exact p-value."""
+    from scipy import special  # lazily: the latency exporter imports this module
     if not 0 <= successes <= trials:
         raise ValueError(f"successes must lie in [0, {trials}], got {successes}")
     if successes == 0:
@@ -373,6 +373,7 @@ def binomial_upper_tail(successes: int, trials: int, p: float) -> float:
 
 def upper_bound(successes: int, trials: int, confidence: float) -> float:
     """One-sided Clopper-Pearson upper confidence bound of a binomial proportion."""
+    from scipy import special  # lazily: the latency exporter imports this module
     if trials == 0 or successes >= trials:
         return 1.0
     return float(special.betaincinv(successes + 1, trials - successes, confidence))
@@ -380,6 +381,7 @@ def upper_bound(successes: int, trials: int, confidence: float) -> float:
 
 def lower_bound(successes: int, trials: int, confidence: float) -> float:
     """One-sided Clopper-Pearson lower confidence bound of a binomial proportion."""
+    from scipy import special  # lazily: the latency exporter imports this module
     if successes == 0:
         return 0.0
     return float(special.betaincinv(successes, trials - successes + 1, 1 - confidence))
@@ -423,6 +425,7 @@ def mann_whitney_slower(
     Returns:
         ``(p_value, effect)`` where effect is P(canary/ratio > baseline) + P(tie)/2.
     """
+    from scipy import special  # lazily: the latency exporter imports this module
     c_counts = np.asarray(canary.counts, dtype=float)
     b_counts = np.asarray(baseline.counts, dtype=float)
     n_c, n_b = c_counts.sum(), b_counts.sum()

@@ -9,7 +9,8 @@ distributions binned into the exporter's buckets. The same cases go through the 
 old judge had a canary only in dev. Each rate is printed with its 95% Clopper-Pearson interval.
 
 Traffic: "min" gives the smaller side of each window (canary at weights <= 50%) exactly the
-policy's ``min_requests``; a number gives the canary that many requests per window.
+policy's ``min_requests``; a number gives the canary that many requests per window. The last
+column is how many rollouts ended Successful: a judge that is never sure is safe and useless.
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ def cases(limit: float) -> list[tuple[Case, str]]:
                 "failed_first"))
     out.append((Case("slow burn 0.3% vs 0.1%, 1500/window", 0.003, 0.001, 1500,
                      goal=">=80% within 3 windows"), "failed_within_3"))
+    out.append((Case("slow burn 0.3% vs 0.1%, 5000/window", 0.003, 0.001, 5000,
+                     goal="(where 80% is reached)"), "failed_within_3"))
     out.append((Case("latency 1.5x, 1500/window", 0.001, 0.001, 1500, slowdown=1.5,
                      goal=">=90% first window"), "failed_first"))
     out.append((Case("same, half the minimum/window", 0.001, 0.001, "half-min",
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     has_old = results.get(("dev", 0, "old")) is not None
     print(f"{args.trials} rollouts per case; new judge: shipped policies/*.toml; old judge: "
           f"{'main with its dev policy' if has_old else 'not available'}; rates with 95% CI\n")
-    header = f"{'case':<42} {'goal':<24} {'figure':<16} {'new judge':<22} {'old judge (main)':<22}"
+    header = (f"{'case':<42} {'goal':<24} {'figure':<16} {'new judge':<22} "
+              f"{'old judge (main)':<22} {'Successful new / old'}")
     for env in envs:
         policy = policies[env]
         assert policy is not None
@@ -264,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             assert tally is not None
             old = results.get((env, index, "old"))
             old_text = "- (no canary on main)" if old is None else old.rate(getattr(old, figure))
+            passed = f"{tally.successful / tally.trials:6.1%}"
+            if old is not None:
+                passed += f" / {old.successful / old.trials:.1%}"
             print(f"{case.label:<42} {case.goal:<24} {figure.replace('_', ' '):<16} "
-                  f"{tally.rate(getattr(tally, figure)):<22} {old_text:<22}")
+                  f"{tally.rate(getattr(tally, figure)):<22} {old_text:<22} {passed}")
         print()
     print(f"({time.monotonic() - started:.0f}s wall, "
           f"{time.process_time() - cpu + usage.ru_utime + usage.ru_stime:.0f}s CPU in {args.workers} processes)")

@@ -41,8 +41,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
 POLICY = CanaryPolicy(
     steps=(CanaryStep(weight=20, window_seconds=5), CanaryStep(weight=50, window_seconds=5)),
+    # Windows of 5 s on a shared machine can hold as little as a hundred canary requests: the
+    # pass side asks for the limits at even odds (0 errors in 70 requests shows < 1%).
     limits=AnalysisLimits(min_requests=40, max_error_rate=0.01, max_latency_seconds=1.0,
-                          max_latency_ratio=3.0),
+                          max_latency_ratio=3.0, pass_confidence=0.5),
 )
 
 

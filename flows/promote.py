@@ -36,6 +36,7 @@ from portcullis.approval import (
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
+from portcullis.catalog import catalog_freeze
 from portcullis.chain import COMPLETED, newest_passed, passed_in
 from portcullis.change import Change, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
@@ -52,6 +53,7 @@ from tasks.approval import (
     requester_for_current_run,
     subject_for_current_run,
 )
+from tasks.board import publish_board
 from tasks.build import build_image
 from tasks.canary import CanaryReport, rollout
 from tasks.deploy import deploy
@@ -341,6 +343,7 @@ def deploy_side(
         markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
         description=f"{app} {image.digest[:19]} promoted to {environment}",
     )
+    publish_board()
     where = deployment.url if deployment else f"GitOps commit {gitops.sha[:12] if gitops else '?'}"
     print(f"{app} {image} promoted to {environment}: {where}")
     return result
@@ -382,7 +385,8 @@ def _canary(
 def start_run(app: str, environment: str, requested_by: str, **details: JsonValue) -> tuple[Settings, EnvironmentPolicy, RunAudit]:
     """Load settings and the environment's policy, open the audit trail, record the start."""
     settings = Settings()
-    policy = load_policy(environment, settings.policy_dir)
+    # The app's own catalog freeze windows add to the environment's (never remove any).
+    policy = catalog_freeze(load_policy(environment, settings.policy_dir), app)
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
     audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
                  **details)
@@ -396,6 +400,7 @@ def refusals_recorded(audit: RunAudit) -> Iterator[None]:
         yield
     except PortcullisError as exc:
         audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
+        publish_board()
         raise
 
 

@@ -59,6 +59,7 @@ from tasks.canary import CanaryReport, rollout
 from tasks.deploy import deploy
 from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
 from tasks.gitops import commit_promotion
+from tasks.progress import StageProgress
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -372,10 +373,14 @@ def _canary(
             poll_interval=int(settings.approval_poll_seconds),
         )
 
+    progress = StageProgress(f"canary-{app}-{environment}", f"canary of {app} {image.digest[:19]} in {environment}",
+                             len(policy.canary.steps))
+    record = progress.tracking(audit.record, "canary.step",
+                               lambda d: f"{d.get('weight')}% of traffic: {d.get('phase')}")
     try:
         return rollout(
             image, app, environment, commit, creds, policy=policy.canary, router=router,
-            provider=provider, record=audit.record, on_inconclusive=person,
+            provider=provider, record=record, on_inconclusive=person,
             approved_by=approved_by, synthetic_load=settings.canary_synthetic_load,
         )
     finally:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from portcullis.catalog import catalog_freeze, load_catalog, parse_catalog
 from portcullis.errors import ConfigurationError
@@ -73,3 +74,23 @@ def test_an_apps_freeze_windows_only_add_to_its_environments(tmp_path: Path) -> 
     assert evaluate_freeze(frozen.freeze, datetime(2026, 6, 2, 12, tzinfo=UTC)).frozen
     assert catalog_freeze(staging, "other", path) == staging
     assert catalog_freeze(staging, "hello", tmp_path / "missing.toml") == staging
+
+
+def test_every_catalog_app_has_a_scheduled_deployment_per_environment() -> None:
+    catalog = load_catalog(REPO_ROOT / "apps.toml")
+    shipped = yaml.safe_load((REPO_ROOT / "deployments.yaml").read_text())["deployments"]
+    flows = {"dev": "flows/deployed.py:promote_dev", "staging": "flows/deployed.py:promote_staging",
+             "prod": "flows/deployed.py:promote_prod"}
+    for app in catalog.apps:
+        for environment in app.environments:
+            mine = [d for d in shipped if d["entrypoint"] == flows[environment]
+                    and d.get("parameters", {}).get("app") == app.name]
+            assert len(mine) == 1, f"{app.name} in {environment}: {len(mine)} deployments"
+            (deployment,) = mine
+            assert deployment["schedules"] and all(s["active"] for s in deployment["schedules"])
+            if environment == "dev":
+                assert deployment["parameters"]["context_path"] == app.context
+            assert deployment["parameters"]["requested_by"] == "scheduler"
+    # one app's schedule never shares a deployment (and so a failure) with another's
+    apps = [d.get("parameters", {}).get("app") for d in shipped if d["entrypoint"] in flows.values()]
+    assert sorted(apps) == sorted(a.name for a in catalog.apps for _ in a.environments)

@@ -134,7 +134,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
 def _approve(args: argparse.Namespace) -> int:
     from tasks.answer import submit_answer, waiting_runs
 
-    runs = waiting_runs(args.app, args.environment)
+    runs = waiting_runs(args.app, args.environment, wait=args.wait)
     if args.run:
         runs = [r for r in runs if str(r.id) == args.run or r.name == args.run]
     if not runs:
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="approve or reject (an Inconclusive canary: promote or rollback)")
     approve.add_argument("--comment", default="")
     approve.add_argument("--run", default=None, help="which waiting run (id or name), when several wait")
+    approve.add_argument("--wait", type=float, default=0.0,
+                         help="seconds to wait for such a promotion to ask (default: look once)")
     history = sub.add_parser("history", help="an app's promotions and rollbacks per environment")
     history.add_argument("--app", required=True)
     history.add_argument("--environment", default=None, choices=["dev", "staging", "prod"])

@@ -70,8 +70,24 @@ def _form(client: SyncPrefectClient, run: FlowRun, deadline: float) -> tuple[str
         run = client.read_flow_run(run.id)
 
 
-def waiting_runs(app: str, environment: str, *, schema_wait: float = 15.0) -> list[WaitingRun]:
-    """The runs promoting ``app`` to ``environment`` that wait for a person, newest first."""
+def waiting_runs(app: str, environment: str, *, wait: float = 0.0, schema_wait: float = 15.0) -> list[WaitingRun]:
+    """The runs promoting ``app`` to ``environment`` that wait for a person, newest first.
+
+    Args:
+        app: the app.
+        environment: the environment.
+        wait: seconds to keep looking while none waits yet (0: look once).
+        schema_wait: seconds to wait for a paused run to save its form.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        found = _waiting_now(app, environment, schema_wait)
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _waiting_now(app: str, environment: str, schema_wait: float) -> list[WaitingRun]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))

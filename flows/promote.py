@@ -53,7 +53,7 @@ from tasks.approval import (
     requester_for_current_run,
     subject_for_current_run,
 )
-from tasks.board import publish_board
+from tasks.board import BoardPublishingLog, publish_board
 from tasks.build import build_image
 from tasks.canary import CanaryReport, rollout
 from tasks.deploy import deploy
@@ -301,7 +301,7 @@ def deploy_side(
     if policy.approval is not None:
         freeze("before-approval")
         outcome: ApprovalOutcome = request_approvals(
-            subject(), policy.approval, ApprovalSettings().load_directory(), audit.log,
+            subject(), policy.approval, ApprovalSettings().load_directory(), BoardPublishingLog(audit.log),
             freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
@@ -369,7 +369,7 @@ def _canary(
         analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
         return decide_inconclusive_canary(
             subject(), canary_decision_policy(environment, policy.approval, timedelta(hours=1)),
-            ApprovalSettings().load_directory(), audit.log, analysis,
+            ApprovalSettings().load_directory(), BoardPublishingLog(audit.log), analysis,
             poll_interval=int(settings.approval_poll_seconds),
         )
 

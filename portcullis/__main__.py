@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -144,7 +145,9 @@ def _approve(args: argparse.Namespace) -> int:
     if len(runs) > 1:
         print(f"{len(runs)} runs wait; answering the newest, {run.name} (choose with --run)")
     print(f"{run.flow} run {run.name} ({run.id}) asks:\n")
-    print("\n".join(f"    {line}" for line in run.description.splitlines()), "\n")
+    # The form is Markdown with escapes; a terminal shows the text.
+    text = re.sub(r"\\(.)", r"\1", run.description)
+    print("\n".join(f"    {line}" for line in text.splitlines()), "\n")
     answer = {"approver": args.approver, "code": args.code, "digest_prefix": args.digest_prefix,
               "decision": args.decision, "comment": args.comment}
     print(submit_answer(run, answer))

@@ -126,8 +126,14 @@ def _label(approver: Approver) -> str:
     return f"{approver.name} [{', '.join(approver.groups)}]"
 
 
-def _approval(policy: EnvironmentPolicy, directory: ApproverDirectory | None, provenance: dict[str, str] | None,
-              change_authors: Sequence[str] | None, requester: str | None) -> Gate:
+def approval_gate(policy: EnvironmentPolicy, directory: ApproverDirectory | None,
+                  provenance: dict[str, str] | None, change_authors: Sequence[str] | None,
+                  requester: str | None) -> Gate:
+    """Who may and may not approve, and whether the rule can be met by those who may.
+
+    ``provenance`` (verified) names the author; ``change_authors`` every author of the change;
+    either None means it is unknown, and then nobody can be shown eligible.
+    """
     rule = policy.approval
     if rule is None:
         return Gate(name="approval", outcome=Outcome.PASS, reason=f"no approval required in {policy.environment}")
@@ -211,7 +217,7 @@ def evaluate_plan(
             change_authors = change_between(repo, provenance["commit"], running.commit if running else None).authors
         except PortcullisError as exc:
             gates.append(Gate(name="change", outcome=Outcome.REFUSE, reason=str(exc)))
-    gates.append(_approval(policy, directory, provenance, change_authors, requester))
+    gates.append(approval_gate(policy, directory, provenance, change_authors, requester))
     gates.append(_canary(policy, log, app))
     if pin is not None:
         gates.append(Gate(name="pin", outcome=Outcome.INFO,

@@ -137,7 +137,7 @@ def submit_answer(run: WaitingRun, answer: dict[str, Any], *, outcome_wait: floa
                 form = _form(client, fresh, time.monotonic() + 15)
                 return f"{fresh.name} waits again: {_notice(form[0]) if form else '(no form yet)'}"
             if moved and state is not None and state.is_final():
-                return f"{fresh.name} is {state.name}: {state.message or ''}".strip()
+                return f"{fresh.name} is {state.name}" + (f": {state.message}" if state.message else "")
             if moved and state is not None and state.type is StateType.RUNNING:
                 # A run that needs more answers pauses again within moments; one that stays
                 # running has what it needed and goes on to the next gate.

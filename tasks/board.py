@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from prefect.artifacts import create_markdown_artifact
 
-from portcullis.audit import AuditRecord
+from portcullis.audit import AuditEntry, AuditLog, AuditRecord
 from portcullis.board import BOARD_ARTIFACT_KEY, Board, build_board, render_markdown
 from portcullis.catalog import Catalog, load_catalog
 from portcullis.chain import verified_records as _chain_records
@@ -46,19 +46,37 @@ def current_board(settings: Settings | None = None, at: datetime | None = None) 
                        apps=catalog.names if catalog else (), at=at or datetime.now(UTC))
 
 
-def publish_board(settings: Settings | None = None) -> Board:
+def publish_board(settings: Settings | None = None) -> Board | None:
     """Publish the board as the Prefect artifact ``environments-board`` and return it.
 
-    Called after every promotion, rollback and pin. A board that cannot be published must not
-    turn a finished deploy into a failed run: the failure is printed and the deploy stands.
+    Called after every promotion, refusal, rollback and pin. A board that cannot be built or
+    published (an audit log that does not verify, the API away) must not turn a finished
+    deploy into a failed run, nor hide the refusal being raised: it is printed and skipped.
     """
-    board = current_board(settings)
     try:
+        board = current_board(settings)
         create_markdown_artifact(markdown=render_markdown(board), key=BOARD_ARTIFACT_KEY,
                                  description="what runs where, and what waits for whom")
     except Exception as exc:  # noqa: BLE001 - a view must never fail the promotion it shows
         print(f"the environments board was not published: {exc}")
+        return None
     return board
+
+
+class BoardPublishingLog(AuditLog):
+    """The same audit log, republishing the board whenever a person is asked or answers, so
+    the board shows who a paused promotion waits for while it waits."""
+
+    def __init__(self, log: AuditLog, settings: Settings | None = None) -> None:
+        super().__init__(log.path, mirrors=log.mirrors, anchor_path=log.anchor_path)
+        self._settings = settings
+
+    def append(self, entry: AuditEntry) -> AuditRecord:
+        """Append as the log does, then republish the board for the human decision events."""
+        record = super().append(entry)
+        if record.event.startswith(("approval.", "canary.decision")):
+            publish_board(self._settings)
+        return record
 
 
 def commit_times(records: Sequence[AuditRecord], settings: Settings) -> dict[str, datetime]:

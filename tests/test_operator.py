@@ -48,10 +48,20 @@ def _catalog(path: Path, repo: Path, a: str, b: str, *, a_frozen: bool = True, b
         + entry(b, "greeter", FOREVER.format(name="b-migration", reason="b's data migration") if b_frozen else ""))
 
 
+def _board_artifact() -> str:
+    """The newest version of the published board."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[BOARD_ARTIFACT_KEY])))
+    return str(max(artifacts, key=lambda art: str(art.created)).data)
+
+
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     capsys.readouterr()
     rc = main(list(argv))
     captured = capsys.readouterr()
+    with capsys.disabled():  # shown with -s: what an operator would see
+        print(f"\n$ python -m portcullis {' '.join(argv)}\n{captured.out}{captured.err}")
     return rc, captured.out + captured.err
 
 
@@ -85,7 +95,6 @@ def test_a_two_app_catalog_seen_planned_approved_and_rolled_back(
     # shown as unable to approve.
     rc, out = _cli(capsys, "plan", "--app", b, "--environment", "staging", "--image", image,
                    "--requested-by", "trent")
-    print(out)
     assert rc == 0, out
     for gate in ("signature", "provenance", "sbom", "scan", "chain", "freeze", "approval"):
         assert f"PASS   {gate}" in out
@@ -141,13 +150,13 @@ def test_a_two_app_catalog_seen_planned_approved_and_rolled_back(
                     "--wait", "120")
 
     rc, out = answer("ada")  # the author: the ledger refuses her, the run asks again
-    print(out)
     assert rc == 0 and "asks:" in out and digest in out
     assert "waits again: Refused: ada wrote commit" in out
     (waiting,) = current_board().cell(b, "staging").waiting
     assert (waiting.requested_by, waiting.needed, waiting.digest) == ("trent", 1, digest)
+    # The published board shows it too: it is republished when a person is asked or answers.
+    assert "WAITING" in _board_artifact() and "by trent needs 1 approval" in _board_artifact()
     rc, out = answer("carol")
-    print(out)
     assert rc == 0 and "waits again" not in out
     runner.join(300)
     (result,) = staged
@@ -164,15 +173,11 @@ def test_a_two_app_catalog_seen_planned_approved_and_rolled_back(
                    "--requested-by", "olga")
     assert rc == 0, out
     rc, status = _cli(capsys, "status")
-    print(status)
     assert rc == 0
     rows = status.split(b, 1)[1]
     assert f"{digest[7:19]} @" in rows and "rolled back by olga" in rows and "PINNED by olga" in rows
     assert "approved: carol" in rows
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[BOARD_ARTIFACT_KEY])))
-    published = max(artifacts, key=lambda art: str(art.created))
-    text = str(published.data)
+    text = _board_artifact()
     assert f"**{b}**" in text and "rolled back by olga" in text and "PINNED by olga" in text
     assert f"**{a}**" in text
 
@@ -185,7 +190,6 @@ def test_a_two_app_catalog_seen_planned_approved_and_rolled_back(
     # DORA from the same trail: two deploys to dev and one rollback; lead times from git.
     textfile = tmp_path / "dora.prom"
     rc, out = _cli(capsys, "dora", "--prometheus-textfile", str(textfile))
-    print(out)
     assert rc == 0 and f"| {b} | dev | 2 |" in out and "50% (1/2)" in out
     samples: dict[tuple[str, str], Any] = {
         (s.name, s.labels["environment"]): s.value

@@ -55,9 +55,16 @@ from tasks.approval import (
 )
 from tasks.board import BoardPublishingLog, publish_board
 from tasks.build import build_image
-from tasks.canary import CanaryReport, rollout
+from tasks.canary import CanaryReport, rollout, traffic_lease_seconds
 from tasks.deploy import deploy
-from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
+from tasks.gates import (
+    DEFAULT_WINDOW_SECONDS,
+    RunAudit,
+    environment_lock,
+    freeze_checker,
+    freeze_gate,
+    open_audit_log,
+)
 from tasks.gitops import commit_promotion
 from tasks.progress import StageProgress
 from tasks.scan import generate_sbom_task, scan_task
@@ -306,7 +313,7 @@ def deploy_side(
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
 
-    with environment_lock(environment, audit):
+    with environment_lock(environment, audit, window_seconds=_lock_window(policy)):
         # Re-check after the lock: time passed while waiting for approvals and the slot.
         freeze("before-traffic")
         checks = _verify(image, policy, audit, deploy_block, "after-lock")
@@ -348,6 +355,13 @@ def deploy_side(
     where = deployment.url if deployment else f"GitOps commit {gitops.sha[:12] if gitops else '?'}"
     print(f"{app} {image} promoted to {environment}: {where}")
     return result
+
+
+def _lock_window(policy: EnvironmentPolicy) -> float:
+    """The lock's heartbeat window: the canary's own window where there is a canary."""
+    if policy.canary is None:
+        return DEFAULT_WINDOW_SECONDS
+    return traffic_lease_seconds(policy.canary)
 
 
 def _canary(

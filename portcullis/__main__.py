@@ -7,6 +7,7 @@ turned into a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import re
 import sys
@@ -148,7 +149,11 @@ def _approve(args: argparse.Namespace) -> int:
     # The form is Markdown with escapes; a terminal shows the text.
     text = re.sub(r"\\(.)", r"\1", run.description)
     print("\n".join(f"    {line}" for line in text.splitlines()), "\n")
-    answer = {"approver": args.approver, "code": args.code, "digest_prefix": args.digest_prefix,
+    code = args.code
+    if code is None:
+        # Not on the command line (ps, shell history): asked for, or read from a pipe.
+        code = getpass.getpass(f"{args.approver}'s code: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+    answer = {"approver": args.approver, "code": code, "digest_prefix": args.digest_prefix,
               "decision": args.decision, "comment": args.comment}
     print(submit_answer(run, answer))
     return 0
@@ -242,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     approve.add_argument("--app", required=True)
     approve.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
     approve.add_argument("--approver", required=True, help="your approver id")
-    approve.add_argument("--code", required=True, help="your current authenticator code")
+    approve.add_argument("--code", default=None,
+                         help="your current authenticator code (default: asked for, or read from stdin)")
     approve.add_argument("--digest-prefix", required=True,
                          help="the first hex characters of the digest you decide on (see the request)")
     approve.add_argument("--decision", default="approve",

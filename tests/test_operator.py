@@ -11,6 +11,7 @@ and ``dora`` read the same audit trail.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
@@ -156,7 +157,10 @@ def test_a_two_app_catalog_seen_planned_approved_and_rolled_back(
     assert (waiting.requested_by, waiting.needed, waiting.digest) == ("trent", 1, digest)
     # The published board shows it too: it is republished when a person is asked or answers.
     assert "WAITING" in _board_artifact() and "by trent needs 1 approval" in _board_artifact()
-    rc, out = answer("carol")
+    # carol's code comes through a pipe, as `code carol | approve ...` sends it: not on argv.
+    monkeypatch.setattr("sys.stdin", io.StringIO(code("carol") + "\n"))
+    rc, out = _cli(capsys, "approve", "--app", b, "--environment", "staging", "--approver", "carol",
+                   "--digest-prefix", digest[7:19], "--wait", "120")
     assert rc == 0 and "waits again" not in out
     runner.join(300)
     (result,) = staged

@@ -209,7 +209,7 @@ def cell_lines(cell: Cell, at: datetime) -> list[str]:
     if cell.pinned is not None:
         lines.append(f"PINNED by {cell.pinned.pinned_by}: {cell.pinned.reason[:40]}")
     if cell.last_refusal:
-        lines.append(f"last attempt refused: {cell.last_refusal[:110]}")
+        lines.append(f"last attempt refused: {cell.last_refusal.split(' (next: ')[0][:160]}")
     for wait in cell.waiting:
         groups = f" ({', '.join(wait.groups)})" if wait.groups else ""
         line = (f"WAITING {age(at - wait.since)}: {_short(wait.digest)} by {wait.requested_by} "

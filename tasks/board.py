@@ -6,6 +6,7 @@ reads their inputs from the deploy side's files and publishes Prefect artifacts.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from urllib.parse import unquote, urlsplit
@@ -28,8 +29,10 @@ from tasks.gates import open_audit_log
 def _catalog_or_none() -> Catalog | None:
     try:
         return load_catalog()
-    except ConfigurationError:
-        return None  # the board still shows every app the audit trail knows
+    except ConfigurationError as exc:
+        # The views still show every app the audit trail knows; the catalog's fault is said.
+        print(f"warning: {exc}", file=sys.stderr)
+        return None
 
 
 def verified_records(settings: Settings) -> list[AuditRecord]:

@@ -36,6 +36,7 @@ from portcullis.approval import (
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
+from portcullis.catalog import catalog_freeze
 from portcullis.chain import COMPLETED, newest_passed, passed_in
 from portcullis.change import Change, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
@@ -52,6 +53,7 @@ from tasks.approval import (
     requester_for_current_run,
     subject_for_current_run,
 )
+from tasks.board import BoardPublishingLog, publish_board
 from tasks.build import build_image
 from tasks.canary import CanaryReport, rollout, traffic_lease_seconds
 from tasks.deploy import deploy
@@ -64,6 +66,7 @@ from tasks.gates import (
     open_audit_log,
 )
 from tasks.gitops import commit_promotion
+from tasks.progress import StageProgress
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -305,7 +308,7 @@ def deploy_side(
     if policy.approval is not None:
         freeze("before-approval")
         outcome: ApprovalOutcome = request_approvals(
-            subject(), policy.approval, ApprovalSettings().load_directory(), audit.log,
+            subject(), policy.approval, ApprovalSettings().load_directory(), BoardPublishingLog(audit.log),
             freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
@@ -348,6 +351,7 @@ def deploy_side(
         markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
         description=f"{app} {image.digest[:19]} promoted to {environment}",
     )
+    publish_board()
     where = deployment.url if deployment else f"GitOps commit {gitops.sha[:12] if gitops else '?'}"
     print(f"{app} {image} promoted to {environment}: {where}")
     return result
@@ -379,14 +383,18 @@ def _canary(
         analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
         return decide_inconclusive_canary(
             subject(), canary_decision_policy(environment, policy.approval, timedelta(hours=1)),
-            ApprovalSettings().load_directory(), audit.log, analysis,
+            ApprovalSettings().load_directory(), BoardPublishingLog(audit.log), analysis,
             poll_interval=int(settings.approval_poll_seconds),
         )
 
+    progress = StageProgress(f"canary-{app}-{environment}", f"canary of {app} {image.digest[:19]} in {environment}",
+                             len(policy.canary.steps))
+    record = progress.tracking(audit.record, "canary.step",
+                               lambda d: f"{d.get('weight')}% of traffic: {d.get('phase')}")
     try:
         return rollout(
             image, app, environment, commit, creds, policy=policy.canary, router=router,
-            provider=provider, record=audit.record, on_inconclusive=person,
+            provider=provider, record=record, on_inconclusive=person,
             approved_by=approved_by, synthetic_load=settings.canary_synthetic_load,
         )
     finally:
@@ -396,7 +404,8 @@ def _canary(
 def start_run(app: str, environment: str, requested_by: str, **details: JsonValue) -> tuple[Settings, EnvironmentPolicy, RunAudit]:
     """Load settings and the environment's policy, open the audit trail, record the start."""
     settings = Settings()
-    policy = load_policy(environment, settings.policy_dir)
+    # The app's own catalog freeze windows add to the environment's (never remove any).
+    policy = catalog_freeze(load_policy(environment, settings.policy_dir), app)
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
     audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
                  **details)
@@ -410,6 +419,7 @@ def refusals_recorded(audit: RunAudit) -> Iterator[None]:
         yield
     except PortcullisError as exc:
         audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
+        publish_board()
         raise
 
 

@@ -21,6 +21,7 @@ from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
 from portcullis.pins import Pin, PinStore
 from portcullis.settings import Settings
+from tasks.board import publish_board
 from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
 from tasks.gates import RunAudit, environment_lock
@@ -85,6 +86,7 @@ def rollback(
             reason=reason,
         ))
         audit.record("environment.pinned", actor=requested_by, reason=reason)
+        publish_board()
         print(f"{app} in {environment} rolled back to {target.digest} and pinned")
         return deployment
 
@@ -101,6 +103,7 @@ def _rollback_gitops(app: str, environment: str, reason: str, requested_by: str,
         reason=reason,
     ))
     audit.record("environment.pinned", actor=requested_by, reason=reason)
+    publish_board()
     return commit
 
 
@@ -116,4 +119,5 @@ def clear_pin(app: str, environment: Environment, requested_by: str) -> str:
         pin = PinStore(settings.home / "pins").clear(app, environment)
         audit.digest = pin.digest
         audit.record("environment.unpinned", actor=requested_by, pinned_by=pin.pinned_by)
+        publish_board()
         return pin.digest

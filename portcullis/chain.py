@@ -24,6 +24,11 @@ def _verified_records(log: AuditLog) -> list[AuditRecord]:
     return log.records()
 
 
+def verified_records(log: AuditLog) -> list[AuditRecord]:
+    """Every record of ``log``; refuses when its hash chain does not verify."""
+    return _verified_records(log)
+
+
 def passed_in(log: AuditLog, digest: str, environment: str) -> AuditRecord:
     """The record showing ``digest`` completed a promotion to ``environment``.
 

@@ -449,6 +449,24 @@ def _ensure_state_database(config: ProductionConfig, made: _Secrets) -> None:
     install_schema(admin, flows_role=STATE_ROLE)
 
 
+def ensure_state_store(config: ProductionConfig) -> tuple[URL, URL]:
+    """Only the database part of :func:`up`: the cluster and the state database (idempotent).
+
+    Returns:
+        the state database's URL for the flows' role and for the admin, passwords included
+        (in the URL objects only: never render them with the password).
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.state_dir.chmod(0o711)
+    made = _secrets(config.state_dir)
+    _ensure_postgres(config, made)
+    _ensure_state_database(config, made)
+    return (
+        state_url(config, STATE_ROLE, made.state_password),
+        state_url(config, DB_ADMIN, made.db_admin_password),
+    )
+
+
 def _auth_headers(auth_string: str) -> dict[str, str]:
     token = base64.b64encode(auth_string.encode()).decode()
     return {"Authorization": f"Basic {token}"}

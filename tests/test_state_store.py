@@ -31,12 +31,9 @@ from infra.production import (
     DB_ADMIN,
     STATE_ROLE,
     ProductionConfig,
-    _ensure_postgres,
-    _ensure_state_database,
     _psql,
-    _secrets,
     down,
-    state_url,
+    ensure_state_store,
 )
 from infra.registry import free_port
 from portcullis.approval import Approver, ApproverDirectory, verify_requester
@@ -71,23 +68,27 @@ class Cluster:
     """A private PostgreSQL cluster set up the way infra.production sets it up."""
 
     config: ProductionConfig
-    admin_password: str
-    flows_password: str
+    flows: URL
+    admin: URL
+
+    @property
+    def flows_password(self) -> str:
+        """The flows' role's password."""
+        return str(self.flows.password)
 
     def new_database(self) -> tuple[URL, URL]:
         """A fresh state database: (the flows' URL, the admin's URL), passwords included."""
         name = f"state_{secrets.token_hex(4)}"
         _psql(
             self.config,
-            self.admin_password,
+            str(self.admin.password),
             f"CREATE DATABASE {name} OWNER {DB_ADMIN};\n"
             f"REVOKE ALL ON DATABASE {name} FROM PUBLIC;\n"
             f"GRANT CONNECT ON DATABASE {name} TO {STATE_ROLE};\n",
         )
-        admin = state_url(self.config, DB_ADMIN, self.admin_password).set(database=name)
+        admin = self.admin.set(database=name)
         install_schema(engine_for(admin, create_schema=False), flows_role=STATE_ROLE)
-        flows = state_url(self.config, STATE_ROLE, self.flows_password).set(database=name)
-        return flows, admin
+        return self.flows.set(database=name), admin
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +96,11 @@ def cluster() -> Iterator[Cluster]:
     """One PostgreSQL cluster for the module, with the production state database and role."""
     # Under /tmp, not pytest's 0700 temp root: the postgres account must reach its files.
     state = Path(tempfile.mkdtemp(prefix="portcullis-state-"))
-    state.chmod(0o711)
     config = ProductionConfig(state_dir=state, postgres_port=free_port())
-    made = _secrets(state)
     try:
-        _ensure_postgres(config, made)
-        _ensure_state_database(config, made)
-        _ensure_state_database(config, made)  # idempotent, as `up` must be
-        yield Cluster(config, made.db_admin_password, made.state_password)
+        ensure_state_store(config)
+        flows, admin = ensure_state_store(config)  # idempotent, as `up` must be
+        yield Cluster(config, flows, admin)
     finally:
         down(config)
         shutil.rmtree(state, ignore_errors=True)

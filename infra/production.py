@@ -47,7 +47,7 @@ from infra.daemon import running_pid, start_daemon, stop_daemon, wait_until
 from infra.prefect_server import prefect_env
 from portcullis.errors import ConfigurationError, PortcullisError
 from portcullis.sides import Side, WorkerConfig
-from portcullis.state import engine_for, install_schema
+from portcullis.state import BUILD_PRIVILEGES, FLOW_PRIVILEGES, engine_for, install_schema
 from portcullis.toolrun import run_tool
 from portcullis.worker import canonical, locked_base_job_template
 
@@ -108,6 +108,8 @@ DB_ADMIN = "portcullis_admin"
 #: admin owns, used by deploy flows through a role that may only append audit records.
 STATE_DB = "portcullis_state"
 STATE_ROLE = "portcullis_flows"
+#: The build side's role there: it may append audit records and read them, nothing more.
+BUILD_STATE_ROLE = "portcullis_build"
 
 # Client-side Prefect settings and database secrets that must not leak from the shell that
 # runs `up` into a daemon: each daemon gets exactly the Prefect settings set here.
@@ -219,6 +221,7 @@ class _Secrets:
     db_password: str
     api_auth_string: str
     state_password: str = ""
+    build_state_password: str = ""
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -231,11 +234,12 @@ def _secrets(state_dir: Path) -> _Secrets:
     """Passwords and the API auth string, generated once per setup, readable by the owner."""
     path = state_dir / "secrets.json"
     if path.exists():
-        made = _Secrets(**json.loads(path.read_text()))
-        if made.state_password:
-            return made
-        # A setup from before the state database: add its password, keep the others.
-        made = _Secrets(**{**asdict(made), "state_password": secrets.token_urlsafe(24)})
+        stored = json.loads(path.read_text())
+        missing = [k for k in ("state_password", "build_state_password") if not stored.get(k)]
+        if not missing:
+            return _Secrets(**stored)
+        # A setup from before the state database: add its passwords, keep the others.
+        made = _Secrets(**{**stored, **{k: secrets.token_urlsafe(24) for k in missing}})
         _write_private(path, json.dumps(asdict(made)))
         return made
     made = _Secrets(
@@ -244,6 +248,7 @@ def _secrets(state_dir: Path) -> _Secrets:
         # Prefect compares the whole "user:password" string sent as HTTP basic auth.
         api_auth_string=f"portcullis:{secrets.token_urlsafe(24)}",
         state_password=secrets.token_urlsafe(24),
+        build_state_password=secrets.token_urlsafe(24),
     )
     _write_private(path, json.dumps(asdict(made)))
     return made
@@ -442,11 +447,22 @@ def _ensure_state_database(config: ProductionConfig, made: _Secrets) -> None:
         config,
         made.db_admin_password,
         _role_and_database(STATE_ROLE, made.state_password, STATE_DB, DB_ADMIN)
+        + _role_and_database(BUILD_STATE_ROLE, made.build_state_password, STATE_DB, DB_ADMIN)
         + f"REVOKE ALL ON DATABASE {STATE_DB} FROM PUBLIC;\n"
-        f"GRANT CONNECT ON DATABASE {STATE_DB} TO {STATE_ROLE};\n",
+        f"GRANT CONNECT ON DATABASE {STATE_DB} TO {STATE_ROLE}, {BUILD_STATE_ROLE};\n",
     )
     admin = engine_for(state_url(config, DB_ADMIN, made.db_admin_password), create_schema=False)
-    install_schema(admin, flows_role=STATE_ROLE)
+    install_schema(admin, {STATE_ROLE: FLOW_PRIVILEGES, BUILD_STATE_ROLE: BUILD_PRIVILEGES})
+
+
+def state_urls(config: ProductionConfig) -> tuple[URL, URL]:
+    """The state database's URL for the deploy flows' role and for the admin, passwords in
+    the URL objects only (never render them with the password)."""
+    made = _secrets(config.state_dir)
+    return (
+        state_url(config, STATE_ROLE, made.state_password),
+        state_url(config, DB_ADMIN, made.db_admin_password),
+    )
 
 
 def ensure_state_store(config: ProductionConfig) -> tuple[URL, URL]:
@@ -461,10 +477,7 @@ def ensure_state_store(config: ProductionConfig) -> tuple[URL, URL]:
     made = _secrets(config.state_dir)
     _ensure_postgres(config, made)
     _ensure_state_database(config, made)
-    return (
-        state_url(config, STATE_ROLE, made.state_password),
-        state_url(config, DB_ADMIN, made.db_admin_password),
-    )
+    return state_urls(config)
 
 
 def _auth_headers(auth_string: str) -> dict[str, str]:
@@ -602,13 +615,18 @@ def worker_config(config: ProductionConfig, side: Side,
 
 
 def _state_settings(config: ProductionConfig, side: Side) -> dict[str, str]:
-    """Where ``side``'s flows reach the shared state store, and the password."""
-    if side != "deploy":
-        return {}
-    # Only the deploy side decides: it alone reaches the shared state store.
+    """Where ``side``'s flows reach the shared state store, as which role, and the password.
+
+    One audit chain for both sides; only the deploy side's role may touch anything else (used
+    codes, pins, reviews, tickets).
+    """
     made = _secrets(config.state_dir)
-    return {"PORTCULLIS_STATE_URL": state_url(config).render_as_string(),
-            "PORTCULLIS_STATE_PASSWORD": made.state_password}
+    role, password = {
+        "build": (BUILD_STATE_ROLE, made.build_state_password),
+        "deploy": (STATE_ROLE, made.state_password),
+    }[side]
+    return {"PORTCULLIS_STATE_URL": state_url(config, role).render_as_string(),
+            "PORTCULLIS_STATE_PASSWORD": password}
 
 
 def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:

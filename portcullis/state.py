@@ -34,7 +34,7 @@ import json
 import json.encoder
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -131,7 +131,11 @@ ticket_reauthorisations = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
 )
 
-#: What the flows' role may do on PostgreSQL, table by table (see :func:`install_schema`).
+#: What the build side's role may do: append audit records (a build is part of the trail)
+#: and read them, nothing else (no codes, pins, reviews or tickets).
+BUILD_PRIVILEGES: dict[str, str] = {"audit_records": "SELECT, INSERT"}
+
+#: What the deploy flows' role may do on PostgreSQL, table by table (see :func:`install_schema`).
 FLOW_PRIVILEGES: dict[str, str] = {
     "audit_records": "SELECT, INSERT",
     "totp_used": "SELECT, INSERT, UPDATE",
@@ -270,14 +274,15 @@ def engine_for(url: str | URL, *, create_schema: bool | None = None) -> Engine:
     return engine
 
 
-def install_schema(engine: Engine, flows_role: str | None = None) -> None:
+def install_schema(engine: Engine, grants: Mapping[str, Mapping[str, str]] | None = None) -> None:
     """Create the tables (idempotent); on PostgreSQL also the append-only triggers and grants.
 
-    Run as the role that should own the tables (an administrator), never as the flows' role.
+    Run as the role that should own the tables (an administrator), never as a flows' role.
 
     Args:
         engine: an engine logged in as the owner.
-        flows_role: the PostgreSQL role deploy flows use; it gets :data:`FLOW_PRIVILEGES`.
+        grants: PostgreSQL role -> its privileges per table (e.g. :data:`FLOW_PRIVILEGES`);
+            whatever else a listed role held on these tables is revoked.
     """
     metadata.create_all(engine)
     with engine.begin() as conn:
@@ -288,15 +293,14 @@ def install_schema(engine: Engine, flows_role: str | None = None) -> None:
                 conn.exec_driver_sql(statement)
             return
         conn.exec_driver_sql(_APPEND_ONLY_SQL)
-        if flows_role is not None:
-            role = conn.dialect.identifier_preparer.quote(flows_role)
-            for table, privileges in FLOW_PRIVILEGES.items():
+        for name, privileges in (grants or {}).items():
+            role = conn.dialect.identifier_preparer.quote(name)
+            for table in metadata.tables:
                 conn.exec_driver_sql(f"REVOKE ALL ON {table} FROM {role}")
-                conn.exec_driver_sql(f"GRANT {privileges} ON {table} TO {role}")
-            for table in ("reviews", "ticket_reauthorisations"):
-                conn.exec_driver_sql(
-                    f"GRANT USAGE ON SEQUENCE {table}_id_seq TO {role}"
-                )
+            for table, allowed in privileges.items():
+                conn.exec_driver_sql(f"GRANT {allowed} ON {table} TO {role}")
+                if "INSERT" in allowed and "id" in metadata.tables[table].c:
+                    conn.exec_driver_sql(f"GRANT USAGE ON SEQUENCE {table}_id_seq TO {role}")
 
 
 @contextmanager
@@ -761,6 +765,7 @@ def check_readable(state: State) -> None:
 
 
 __all__ = [
+    "BUILD_PRIVILEGES",
     "FLOW_PRIVILEGES",
     "State",
     "StoreAuditLog",

@@ -28,12 +28,15 @@ from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from infra.production import (
+    BUILD_STATE_ROLE,
     DB_ADMIN,
     STATE_ROLE,
     ProductionConfig,
     _psql,
+    _secrets,
     down,
     ensure_state_store,
+    state_url,
 )
 from infra.registry import free_port
 from portcullis.approval import Approver, ApproverDirectory, verify_requester
@@ -49,6 +52,7 @@ from portcullis.errors import PolicyRefusal
 from portcullis.pins import Pin
 from portcullis.settings import Settings
 from portcullis.state import (
+    FLOW_PRIVILEGES,
     StoreAuditLog,
     engine_for,
     install_schema,
@@ -87,7 +91,7 @@ class Cluster:
             f"GRANT CONNECT ON DATABASE {name} TO {STATE_ROLE};\n",
         )
         admin = self.admin.set(database=name)
-        install_schema(engine_for(admin, create_schema=False), flows_role=STATE_ROLE)
+        install_schema(engine_for(admin, create_schema=False), {STATE_ROLE: FLOW_PRIVILEGES})
         return self.flows.set(database=name), admin
 
 
@@ -434,3 +438,21 @@ def test_two_deploy_workers_with_their_own_homes_share_codes_pins_and_tickets(
     host_b.audit_log().append(_entry(1, actor="host-b"))
     assert [r.actor for r in host_a.audit_log().records()] == ["host-a", "host-b"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing local
+
+
+def test_the_build_role_may_append_audit_records_and_nothing_else(cluster: Cluster) -> None:
+    made = _secrets(cluster.config.state_dir)
+    build = open_state_url(
+        state_url(cluster.config, BUILD_STATE_ROLE, made.build_state_password))
+    record = build.audit_log().append(_entry(0, actor="build-side"))
+    assert build.audit_log().records()[-1] == record
+    refused: list[Callable[[], object]] = [
+        lambda: build.replay.claim("dana", 1),
+        lambda: build.pins.pin(Pin(app="hello", environment="prod", digest=DIGEST,
+                                   pinned_by="mallory", reason="x")),
+        lambda: build.tickets.claim("INC0010001", "run-1"),
+        lambda: build.reviews.reviews(),
+    ]
+    for attempt in refused:
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            attempt()

@@ -46,10 +46,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from portcullis.approval import ReplayStore
+from portcullis.approval import FileReplayStore, ReplayStore, replay_store_path
 from portcullis.audit import (
     GENESIS_HASH,
     AuditEntry,
+    AuditLog,
     AuditRecord,
     AuditSink,
     AuditTrail,
@@ -715,6 +716,16 @@ class StoreTicketUseStore:
             return self._read(conn, key)
 
 
+def replay_store_for(audit: AuditTrail) -> ReplayStore:
+    """Where codes are burned for decisions recorded in ``audit``: the same store's table, or
+    for a JSONL log the file next to it (one-host setups and tests)."""
+    if isinstance(audit, StoreAuditLog):
+        return StoreReplayStore(audit.engine)
+    if isinstance(audit, AuditLog):
+        return FileReplayStore(replay_store_path(audit.path))
+    raise ConfigurationError(f"no used-code store is known for the audit trail {audit.location}")
+
+
 @dataclass(frozen=True)
 class State:
     """The shared stores of one state database."""
@@ -780,4 +791,5 @@ __all__ = [
     "metadata",
     "open_state",
     "open_state_url",
+    "replay_store_for",
 ]

@@ -39,7 +39,13 @@ from infra.production import (
     state_url,
 )
 from infra.registry import free_port
-from portcullis.approval import Approver, ApproverDirectory, verify_requester
+from portcullis.approval import (
+    Approver,
+    ApproverDirectory,
+    FileReplayStore,
+    replay_store_path,
+    verify_requester,
+)
 from portcullis.audit import (
     AuditEntry,
     AuditLog,
@@ -58,6 +64,7 @@ from portcullis.state import (
     install_schema,
     open_state,
     open_state_url,
+    replay_store_for,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +122,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
     """A fresh, empty store in each backend (the flows' role on PostgreSQL)."""
     if request.param == "sqlite":
         return sa.make_url(f"sqlite:///{tmp_path / 'state.db'}")
-    flows, _admin = request.getfixturevalue("cluster").new_database()
+    cluster: Cluster = request.getfixturevalue("cluster")
+    flows, _admin = cluster.new_database()
     return flows
 
 
@@ -456,3 +464,13 @@ def test_the_build_role_may_append_audit_records_and_nothing_else(cluster: Clust
     for attempt in refused:
         with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
             attempt()
+
+
+def test_codes_are_burned_where_the_decisions_are_recorded(store_url: URL, tmp_path: Path) -> None:
+    state = open_state_url(store_url)
+    assert replay_store_for(state.audit_log()).claim("dana", 5)
+    assert not state.replay.claim("dana", 5)  # the same table
+    jsonl = AuditLog(tmp_path / "audit.jsonl")
+    file_replay = replay_store_for(jsonl)
+    assert isinstance(file_replay, FileReplayStore)
+    assert file_replay.path == replay_store_path(jsonl.path)

@@ -199,11 +199,6 @@ _CANONICAL = _parsed_json_encoder()
 _RECORD_KEYS = frozenset(AuditRecord.model_fields) - {"hash"}
 
 
-def default_state_url(home: Path) -> str:
-    """The local stack's store: an SQLite file in the stack's home."""
-    return f"sqlite:///{home / 'state.db'}"
-
-
 def _is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
@@ -785,7 +780,6 @@ __all__ = [
     "StoreReviewStore",
     "StoreTicketUseStore",
     "check_readable",
-    "default_state_url",
     "engine_for",
     "install_schema",
     "metadata",

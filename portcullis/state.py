@@ -58,7 +58,7 @@ from portcullis.audit import (
     canonical_json,
     chain_fields,
 )
-from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
+from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError, TransientError
 from portcullis.incidents import TicketUse
 from portcullis.pins import Pin
 from portcullis.reviews import CloseRequest, PostIncidentReview, ReviewBook
@@ -264,10 +264,30 @@ def engine_for(url: str | URL, *, create_schema: bool | None = None) -> Engine:
                     f"unsupported state store {parsed.render_as_string()}",
                     hint="use sqlite:///PATH or postgresql+psycopg://ROLE@HOST:PORT/DB",
                 )
+            _retry_when_unreachable(engine)
             if create_schema if create_schema is not None else _is_sqlite(engine):
                 install_schema(engine)
             _engines[key] = engine
     return engine
+
+
+def _retry_when_unreachable(engine: Engine) -> None:
+    """Raise :class:`TransientError` (retried) when the database cannot be reached or is busy.
+
+    Refusals (permission denied, the append-only triggers) stay what they are.
+    """
+    where = engine.url.render_as_string(hide_password=True)
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _transient(context: sa.engine.ExceptionContext) -> BaseException | None:
+        if isinstance(context.sqlalchemy_exception, sa.exc.OperationalError | sa.exc.InterfaceError):
+            detail = str(context.original_exception).strip().splitlines()
+            return TransientError(
+                f"the state store {where} is unreachable or busy: "
+                f"{detail[0] if detail else type(context.original_exception).__name__}",
+                hint="check that the database runs and PORTCULLIS_STATE_URL points at it",
+            )
+        return None
 
 
 def install_schema(engine: Engine, grants: Mapping[str, Mapping[str, str]] | None = None) -> None:

@@ -54,7 +54,7 @@ from portcullis.audit import (
     record_hash,
     verify_log,
 )
-from portcullis.errors import PolicyRefusal
+from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.pins import Pin
 from portcullis.settings import Settings
 from portcullis.state import (
@@ -474,3 +474,9 @@ def test_codes_are_burned_where_the_decisions_are_recorded(store_url: URL, tmp_p
     file_replay = replay_store_for(jsonl)
     assert isinstance(file_replay, FileReplayStore)
     assert file_replay.path == replay_store_path(jsonl.path)
+
+
+def test_an_unreachable_store_is_a_transient_error() -> None:
+    log = open_state_url(f"postgresql+psycopg://{STATE_ROLE}@127.0.0.1:{free_port()}/x").audit_log()
+    with pytest.raises(TransientError, match="unreachable or busy"):
+        log.append(_entry(0))

@@ -9,8 +9,9 @@ The store is an append-only JSON-lines file in a directory (``reviews.jsonl``): 
 line per review and a ``closed`` line when it is closed; the current state is folded from the
 lines. Writers take an exclusive lock on ``reviews.lock``.
 
-Run ``python -m portcullis.reviews list|overdue|close`` against a store directory
-(``--dir`` or ``PORTCULLIS_REVIEWS_DIR``).
+Run ``python -m portcullis.reviews list|overdue|close`` against the configured state store
+(:mod:`portcullis.state`, ``PORTCULLIS_STATE_URL``), where the flows keep reviews, or against a
+file store directory (``--dir`` or ``PORTCULLIS_REVIEWS_DIR``).
 """
 
 from __future__ import annotations
@@ -418,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir",
         type=Path,
         default=os.environ.get("PORTCULLIS_REVIEWS_DIR"),
-        help="store directory (default: $PORTCULLIS_REVIEWS_DIR)",
+        help="a file store directory (default: $PORTCULLIS_REVIEWS_DIR, else the state store)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the report of open and overdue reviews")
@@ -428,9 +429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     close.add_argument("--by", required=True, help="who held the review")
     close.add_argument("--notes", required=True, help="what it found, or a link to it")
     args = parser.parse_args(argv)
+    store: ReviewBook
     if args.dir is None:
-        parser.error("no store directory: pass --dir or set PORTCULLIS_REVIEWS_DIR")
-    store = ReviewStore(Path(args.dir))
+        # Imported here: the state store builds on this module.
+        from portcullis.settings import Settings
+        from portcullis.state import open_state
+
+        store = open_state(Settings()).reviews
+    else:
+        store = ReviewStore(Path(args.dir))
     now = datetime.now(UTC)
     try:
         if args.command == "list":

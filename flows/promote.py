@@ -30,9 +30,7 @@ from portcullis.approval import (
     ApprovalOutcome,
     ApprovalSettings,
     ApprovalSubject,
-    FileReplayStore,
     Requester,
-    replay_store_path,
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
@@ -45,6 +43,7 @@ from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
 from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict, Severity
 from portcullis.settings import Settings
+from portcullis.state import replay_store_for
 from portcullis.verification import CheckResult
 from tasks.approval import (
     canary_decision_policy,
@@ -232,7 +231,7 @@ def establish_requester(
     directory = replay = None
     if must_verify or requester_code.strip():
         directory = ApprovalSettings().load_directory()
-        replay = FileReplayStore(replay_store_path(audit.log.path))
+        replay = replay_store_for(audit.log)
     try:
         requester = requester_for_current_run(requested_by, requester_code, directory=directory,
                                               replay=replay, must_verify=must_verify)

@@ -19,8 +19,9 @@ from infra.haproxy import Router
 from portcullis.errors import PolicyRefusal
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
-from portcullis.pins import Pin, PinStore
+from portcullis.pins import Pin
 from portcullis.settings import Settings
+from portcullis.state import open_state
 from tasks.board import publish_board
 from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
@@ -81,7 +82,7 @@ def rollback(
             )
             audit.record("rollback.completed", rolled_back_from=live.digest, url=deployment.url,
                          reason=reason, commit_before=live.container.labels.get(LABEL_REVISION))
-        PinStore(settings.home / "pins").pin(Pin(
+        open_state(settings).pins.pin(Pin(
             app=app, environment=environment, digest=target.digest, pinned_by=requested_by,
             reason=reason,
         ))
@@ -98,7 +99,7 @@ def _rollback_gitops(app: str, environment: str, reason: str, requested_by: str,
         commit = revert_promotion(environment, reason, flow_run.get_flow_run_ui_url())
         audit.digest = commit.digest
         audit.record("rollback.completed", gitops_commit=commit.sha, reason=reason)
-    PinStore(settings.home / "pins").pin(Pin(
+    open_state(settings).pins.pin(Pin(
         app=app, environment=environment, digest=commit.digest, pinned_by=requested_by,
         reason=reason,
     ))
@@ -116,7 +117,7 @@ def clear_pin(app: str, environment: Environment, requested_by: str) -> str:
     """
     settings, _, audit = start_run(app, environment, requested_by, clear_pin=True)
     with refusals_recorded(audit):
-        pin = PinStore(settings.home / "pins").clear(app, environment)
+        pin = open_state(settings).pins.clear(app, environment)
         audit.digest = pin.digest
         audit.record("environment.unpinned", actor=requested_by, pinned_by=pin.pinned_by)
         publish_board()

@@ -106,10 +106,10 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     from portcullis.catalog import catalog_freeze
     from portcullis.errors import ConfigurationError
     from portcullis.models import ImageRef
-    from portcullis.pins import PinStore
     from portcullis.plan import evaluate_plan
     from portcullis.policy import load_policy
     from portcullis.settings import Settings
+    from portcullis.state import open_state
     from tasks.gates import freeze_checker, open_audit_log
     from tasks.supply_chain import verification_policy
 
@@ -127,7 +127,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
             checks=verification_policy(policy).checks, evidence=creds.evidence_verifier(client),
             freeze=freeze_checker(catalog_freeze(policy, app), creds), directory=directory,
             sources=settings.home / "sources", requester=requested_by,
-            pin=PinStore(settings.home / "pins").get(app, environment), at=datetime.now(UTC),
+            pin=open_state(settings).pins.get(app, environment), at=datetime.now(UTC),
         )
     print(plan.render(), end="")
     return 3 if plan.refused else 0

@@ -88,6 +88,19 @@ class AuditRecord(AuditEntry):
         return self.model_dump(mode="json")
 
 
+def chain_fields(entry: AuditEntry, seq: int, at: datetime, prev_hash: str) -> dict[str, Any]:
+    """The JSON fields of ``entry`` as record ``seq`` after ``prev_hash``, ``hash`` included."""
+    # Serialise through the model so the hashed JSON is exactly what parsing the record
+    # back produces (datetime formatting included).
+    draft = AuditRecord(
+        **entry.model_dump(), seq=seq, at=at.astimezone(UTC), prev_hash=prev_hash,
+        hash=GENESIS_HASH,
+    )
+    body = draft.fields()
+    body["hash"] = record_hash(body)
+    return body
+
+
 class AuditSink(ABC):
     """Somewhere records are copied to after the local chain accepted them."""
 
@@ -208,7 +221,32 @@ def _last_line(path: Path) -> bytes | None:
         return chunk[:-1].rsplit(b"\n", 1)[-1]
 
 
-class AuditLog:
+class AuditTrail(ABC):
+    """Where decisions are recorded: the JSONL :class:`AuditLog` or a database store.
+
+    Every implementation chains records with :func:`record_hash`, so a record verifies the
+    same way wherever it is kept.
+    """
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the records are, for messages (a path or a URL without its password)."""
+
+    @abstractmethod
+    def append(self, entry: AuditEntry) -> AuditRecord:
+        """Chain ``entry`` to the last record and keep it durably; returns the record."""
+
+    @abstractmethod
+    def records(self) -> list[AuditRecord]:
+        """Every record in order (does not verify the chain: use :meth:`verify`)."""
+
+    @abstractmethod
+    def verify(self) -> VerifyReport:
+        """Verify every record's hash, sequence number and link to the record before."""
+
+
+class AuditLog(AuditTrail):
     """The local append-only JSONL chain, with optional mirrors.
 
     Args:
@@ -230,6 +268,11 @@ class AuditLog:
         self.anchor_path = anchor_path or default_anchor_path(path)
         self._clock = clock
         self._lock_path = path.with_name(path.name + ".lock")
+
+    @property
+    def location(self) -> str:
+        """The JSONL file."""
+        return str(self.path)
 
     def append(self, entry: AuditEntry) -> AuditRecord:
         """Chain ``entry`` to the last record, write it durably, then copy it to the mirrors.
@@ -257,17 +300,7 @@ class AuditLog:
                         hint=f"run `python -m portcullis.audit verify {self.path}`",
                     ) from None
                 seq, prev = previous.seq + 1, previous.hash
-            # Serialise through the model so the hashed JSON is exactly what parsing the
-            # line back produces (datetime formatting included).
-            draft = AuditRecord(
-                **entry.model_dump(),
-                seq=seq,
-                at=self._clock().astimezone(UTC),
-                prev_hash=prev,
-                hash=GENESIS_HASH,
-            )
-            body = draft.fields()
-            body["hash"] = record_hash(body)
+            body = chain_fields(entry, seq, self._clock(), prev)
             record = AuditRecord.model_validate(body)
             line = canonical_json(body) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -391,25 +424,15 @@ def verify_log(path: Path, anchor_path: Path | None = None) -> VerifyReport:
     return VerifyReport(ok=True, count=count)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m portcullis.audit verify PATH [--anchor FILE | --no-anchor]``.
+def _is_url(target: str) -> bool:
+    return "://" in target
 
-    Returns:
-        0 when the chain is intact, 1 when it is broken, 2 when it cannot be read.
-    """
-    parser = argparse.ArgumentParser(prog="python -m portcullis.audit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="verify a tamper-evident audit log")
-    verify.add_argument("path", type=Path)
-    verify.add_argument("--anchor", type=Path, help="head anchor file (default: PATH.head)")
-    verify.add_argument(
-        "--no-anchor", action="store_true", help="skip the anchor (tail cuts go unnoticed)"
-    )
-    args = parser.parse_args(argv)
-    path: Path = args.path
+
+def _verify_jsonl(path: Path, anchor_arg: Path | None, no_anchor: bool) -> VerifyReport | int:
+    """Verify a JSONL log as the CLI does; an int is the exit code of a refusal to run."""
     anchor: Path | None = None
-    if not args.no_anchor:
-        anchor = args.anchor or default_anchor_path(path)
+    if not no_anchor:
+        anchor = anchor_arg or default_anchor_path(path)
         if not anchor.exists():
             print(
                 f"error: anchor {anchor} not found; pass --anchor FILE, or --no-anchor "
@@ -418,20 +441,79 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     try:
-        report = verify_log(path, anchor)
+        return verify_log(path, anchor)
     except OSError as exc:
         print(f"error: cannot read {path}: {exc}", file=sys.stderr)
         return 2
+
+
+def _print_report(report: VerifyReport, where: str, *, lines: bool) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.ok:
         print(f"OK: {report.count} record(s), chain intact")
         return 0
-    print(
-        f"BROKEN: record {report.first_broken} (line {(report.first_broken or 0) + 1}) "
-        f"of {path}: {report.reason}"
-    )
+    line = f" (line {(report.first_broken or 0) + 1})" if lines else ""
+    print(f"BROKEN: record {report.first_broken}{line} of {where}: {report.reason}")
     return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m portcullis.audit verify [PATH|URL]`` and ``import PATH [--to URL]``.
+
+    ``verify`` reads a JSONL log (with its anchor) or, given a URL or nothing, the state store
+    (default: this worker's ``PORTCULLIS_STATE_URL``; the password from
+    ``PORTCULLIS_STATE_PASSWORD`` or ``PGPASSWORD``, never the command line). ``import``
+    verifies a JSONL log and copies it into an empty store, then verifies the store.
+
+    Returns:
+        0 when the chain is intact, 1 when it is broken, 2 when it cannot be read.
+    """
+    # Imported here: the state store builds on this module.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from portcullis.settings import Settings
+    from portcullis.state import open_state_url
+
+    parser = argparse.ArgumentParser(prog="python -m portcullis.audit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="verify a tamper-evident audit log or store")
+    verify.add_argument(
+        "target", nargs="?", help="a JSONL log or a store URL (default: the configured store)"
+    )
+    importing = sub.add_parser("import", help="copy a verified JSONL log into an empty store")
+    importing.add_argument("target", type=Path, help="the JSONL log")
+    importing.add_argument("--to", dest="url", help="store URL (default: the configured store)")
+    for command in (verify, importing):
+        command.add_argument("--anchor", type=Path, help="head anchor file (default: PATH.head)")
+        command.add_argument(
+            "--no-anchor", action="store_true", help="skip the anchor (tail cuts go unnoticed)"
+        )
+    args = parser.parse_args(argv)
+    if args.command == "verify" and args.target and not _is_url(args.target):
+        path = Path(args.target)
+        checked = _verify_jsonl(path, args.anchor, args.no_anchor)
+        return checked if isinstance(checked, int) else _print_report(checked, str(path), lines=True)
+    url = (args.target if args.command == "verify" else args.url) or Settings().state_database_url
+    store = open_state_url(url).audit_log()
+    try:
+        if args.command == "import":
+            checked = _verify_jsonl(args.target, args.anchor, args.no_anchor)
+            if isinstance(checked, int):
+                return checked
+            if not checked.ok:
+                return _print_report(checked, str(args.target), lines=True)
+            with args.target.open("rb") as lines:
+                count = store.import_records(lines)
+            print(f"imported {count} record(s) from {args.target} into {store.location}")
+        report = store.verify()
+    except PortcullisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"error: cannot read {store.location}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return _print_report(report, store.location, lines=False)
 
 
 if __name__ == "__main__":
@@ -445,9 +527,11 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditSink",
+    "AuditTrail",
     "HttpAuditSink",
     "VerifyReport",
     "canonical_json",
+    "chain_fields",
     "default_anchor_path",
     "file_lock",
     "record_hash",

@@ -7,29 +7,29 @@ manufacture a pass.
 
 from __future__ import annotations
 
-from portcullis.audit import AuditLog, AuditRecord
+from portcullis.audit import AuditRecord, AuditTrail
 from portcullis.errors import PolicyRefusal
 
 COMPLETED = "promotion.completed"
 
 
-def _verified_records(log: AuditLog) -> list[AuditRecord]:
+def _verified_records(log: AuditTrail) -> list[AuditRecord]:
     report = log.verify()
     if not report.ok:
         raise PolicyRefusal(
-            f"the audit log {log.path} does not verify (record {report.first_broken}: {report.reason}); "
+            f"the audit trail {log.location} does not verify (record {report.first_broken}: {report.reason}); "
             "no promotion history can be trusted",
             hint="investigate the log; `python -m portcullis.audit verify` shows the broken record",
         )
     return log.records()
 
 
-def verified_records(log: AuditLog) -> list[AuditRecord]:
+def verified_records(log: AuditTrail) -> list[AuditRecord]:
     """Every record of ``log``; refuses when its hash chain does not verify."""
     return _verified_records(log)
 
 
-def passed_in(log: AuditLog, digest: str, environment: str) -> AuditRecord:
+def passed_in(log: AuditTrail, digest: str, environment: str) -> AuditRecord:
     """The record showing ``digest`` completed a promotion to ``environment``.
 
     Raises:
@@ -45,7 +45,7 @@ def passed_in(log: AuditLog, digest: str, environment: str) -> AuditRecord:
     )
 
 
-def newest_passed(log: AuditLog, app: str, environment: str) -> AuditRecord | None:
+def newest_passed(log: AuditTrail, app: str, environment: str) -> AuditRecord | None:
     """The most recent digest of ``app`` that completed a promotion to ``environment``."""
     for record in reversed(_verified_records(log)):
         if record.event == COMPLETED and record.environment == environment and record.app == app:

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from portcullis.approval import ApprovalPolicy, Approver, ApproverDirectory
-from portcullis.audit import AuditLog
+from portcullis.audit import AuditTrail
 from portcullis.chain import newest_passed, passed_in
 from portcullis.change import change_between, local_repository
 from portcullis.errors import PolicyRefusal, PortcullisError
@@ -71,7 +71,7 @@ class Plan(Frozen):
         return "\n".join(lines) + "\n"
 
 
-def _chain(log: AuditLog, image: ImageRef, policy: EnvironmentPolicy) -> Gate:
+def _chain(log: AuditTrail, image: ImageRef, policy: EnvironmentPolicy) -> Gate:
     if policy.promote_from is None:
         return Gate(name="chain", outcome=Outcome.REFUSE,
                     reason=f"{policy.environment} builds from source; it does not take an image")
@@ -162,7 +162,7 @@ def approval_gate(policy: EnvironmentPolicy, directory: ApproverDirectory | None
     return Gate(name="approval", outcome=Outcome.PASS, reason=text)
 
 
-def _canary(policy: EnvironmentPolicy, log: AuditLog, app: str) -> Gate:
+def _canary(policy: EnvironmentPolicy, log: AuditTrail, app: str) -> Gate:
     if policy.target == "gitops":
         return Gate(name="canary", outcome=Outcome.INFO,
                     reason="GitOps target: the digest is committed to the overlay; the cluster's controller rolls it out")
@@ -176,7 +176,7 @@ def _canary(policy: EnvironmentPolicy, log: AuditLog, app: str) -> Gate:
 
 
 def evaluate_plan(
-    *, app: str, image: ImageRef, policy: EnvironmentPolicy, log: AuditLog,
+    *, app: str, image: ImageRef, policy: EnvironmentPolicy, log: AuditTrail,
     checks: Sequence[Check], evidence: EvidenceVerifier, freeze: Callable[[datetime], FreezeStatus],
     directory: ApproverDirectory | None, sources: Path, requester: str | None, pin: Pin | None,
     at: datetime,

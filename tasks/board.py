@@ -13,15 +13,15 @@ from urllib.parse import unquote, urlsplit
 
 from prefect.artifacts import create_markdown_artifact
 
-from portcullis.audit import AuditEntry, AuditLog, AuditRecord
+from portcullis.audit import AuditEntry, AuditRecord, AuditTrail, VerifyReport
 from portcullis.board import BOARD_ARTIFACT_KEY, Board, build_board, render_markdown
 from portcullis.catalog import Catalog, load_catalog
 from portcullis.chain import verified_records as _chain_records
 from portcullis.dora import DORA_ARTIFACT_KEY, DoraFigures, all_figures
 from portcullis.dora import render_markdown as dora_markdown
 from portcullis.errors import ConfigurationError, PortcullisError, ToolError
-from portcullis.pins import PinStore
 from portcullis.settings import Settings
+from portcullis.state import open_state
 from portcullis.toolrun import run_tool
 from tasks.gates import open_audit_log
 
@@ -37,15 +37,14 @@ def _catalog_or_none() -> Catalog | None:
 
 def verified_records(settings: Settings) -> list[AuditRecord]:
     """The audit trail, refused unless its hash chain verifies (a board must not show a forged history)."""
-    log = open_audit_log(settings)
-    return _chain_records(log) if log.path.exists() else []
+    return _chain_records(open_audit_log(settings))
 
 
 def current_board(settings: Settings | None = None, at: datetime | None = None) -> Board:
     """The board as of now (or ``at``), from the verified audit trail, the pins and the catalog."""
     settings = settings or Settings()
     catalog = _catalog_or_none()
-    return build_board(verified_records(settings), PinStore(settings.home / "pins").all(),
+    return build_board(verified_records(settings), open_state(settings).pins.all(),
                        apps=catalog.names if catalog else (), at=at or datetime.now(UTC))
 
 
@@ -66,20 +65,33 @@ def publish_board(settings: Settings | None = None) -> Board | None:
     return board
 
 
-class BoardPublishingLog(AuditLog):
-    """The same audit log, republishing the board whenever a person is asked or answers, so
+class BoardPublishingLog(AuditTrail):
+    """The same audit trail, republishing the board whenever a person is asked or answers, so
     the board shows who a paused promotion waits for while it waits."""
 
-    def __init__(self, log: AuditLog, settings: Settings | None = None) -> None:
-        super().__init__(log.path, mirrors=log.mirrors, anchor_path=log.anchor_path)
+    def __init__(self, log: AuditTrail, settings: Settings | None = None) -> None:
+        self._log = log
         self._settings = settings
 
+    @property
+    def location(self) -> str:
+        """Where the wrapped trail keeps its records."""
+        return self._log.location
+
     def append(self, entry: AuditEntry) -> AuditRecord:
-        """Append as the log does, then republish the board for the human decision events."""
-        record = super().append(entry)
+        """Append as the trail does, then republish the board for the human decision events."""
+        record = self._log.append(entry)
         if record.event.startswith(("approval.", "canary.decision")):
             publish_board(self._settings)
         return record
+
+    def records(self) -> list[AuditRecord]:
+        """The wrapped trail's records."""
+        return self._log.records()
+
+    def verify(self) -> VerifyReport:
+        """The wrapped trail's verification."""
+        return self._log.verify()
 
 
 def commit_times(records: Sequence[AuditRecord], settings: Settings) -> dict[str, datetime]:

@@ -74,6 +74,22 @@ def _code(name: str) -> int:
     return 0
 
 
+def _verify_promotion(args: argparse.Namespace) -> int:
+    from blocks.credentials import DeployCredentials
+    from portcullis.models import ImageRef
+    from portcullis.promotion_record import verify_promotion
+    from portcullis.signing.cosign_format import load_public_key_file
+
+    creds = DeployCredentials.resolve(args.credentials_block)
+    keys = ([load_public_key_file(k) for k in args.key] if args.key
+            else creds.promotion_trust_root(args.environment))
+    with creds.registry_client() as client:
+        found = verify_promotion(client, ImageRef.parse(args.image), args.environment, keys,
+                                 app=args.app, kinds=("promotion", "rollback"))
+    print(f"VERIFIED: {found.predicate.app} in {args.environment}\n{found.describe()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command, map errors to exit codes."""
     parser = argparse.ArgumentParser(prog="python -m portcullis")
@@ -91,10 +107,23 @@ def main(argv: list[str] | None = None) -> int:
                       help="who asks for this promotion (they can never approve it)")
     code = sub.add_parser("code", help="print an approver's current code (plays their authenticator app on the local stack)")
     code.add_argument("approver")
+    record = sub.add_parser(
+        "verify-promotion",
+        help="verify the signed promotion record of a digest (registry and trust root only)")
+    record.add_argument("image", help="registry/repository@sha256:...")
+    record.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
+    record.add_argument("--app", default=None, help="also require the record to name this app")
+    record.add_argument("--key", type=Path, action="append", default=[],
+                        help="cosign.pub of that environment's deploy side (repeatable); "
+                        "default: the deploy credentials' promotion trust root")
+    record.add_argument("--credentials-block", default=None,
+                        help="saved deploy credentials; default PORTCULLIS_DEPLOY_*")
     args = parser.parse_args(argv)
     try:
         if args.command == "code":
             return _code(args.approver)
+        if args.command == "verify-promotion":
+            return _verify_promotion(args)
         return _demo(args)
     except PortcullisError as exc:
         print(f"portcullis: refused: {exc}", file=sys.stderr)

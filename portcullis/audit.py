@@ -296,9 +296,10 @@ class AuditLog:
 
 
 _HASH_MEMBER = b',"hash":"'
-_RECORD_KEYS = frozenset(AuditRecord.model_fields)
-_REQUIRED_KEYS = frozenset(n for n, f in AuditRecord.model_fields.items() if f.is_required())
-_OPTIONAL_TEXT = ("run_id", "app", "environment", "digest", "commit")
+_RECORD_ORDER = ("actor", "app", "at", "commit", "details", "digest", "environment", "event",
+                 "hash", "prev_hash", "run_id", "seq")
+assert sorted(_RECORD_ORDER) == sorted(AuditRecord.model_fields) == list(_RECORD_ORDER)
+_TEXT = (str, type(None))
 _NESTED = (float, dict, list)
 _AT_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z$")
 
@@ -343,24 +344,26 @@ def _fast_line(raw: bytes, index: int, prev_hash: str) -> str | None:
     # The top-level member is the last "hash" member: only prev_hash, run_id, seq sort after it.
     cut = body.rfind(_HASH_MEMBER)
     if type(stored) is not str or len(stored) != 64 or cut < 0 \
-            or body[cut + 9:cut + 74] != stored.encode() + b'"' \
-            or hashlib.sha256(body[:cut] + body[cut + 74:]).hexdigest() != stored:
+            or body[cut + 9:cut + 74] != stored.encode() + b'"':
         return None
-    if not (_REQUIRED_KEYS <= fields.keys() <= _RECORD_KEYS):
+    digest = hashlib.sha256(body[:cut])
+    digest.update(body[cut + 74:])
+    if digest.hexdigest() != stored:
         return None
-    seq, at, event, actor = fields["seq"], fields["at"], fields["event"], fields["actor"]
-    details = fields.get("details")
-    if type(seq) is not int or seq != index or fields["prev_hash"] != prev_hash \
-            or type(details) is not dict or type(event) is not str \
-            or not _EVENT_RE.fullmatch(event) or type(actor) is not str or not actor \
-            or type(at) is not str or not _AT_RE.fullmatch(at):
+    # The writer writes every field; the line is canonical, so the values come in key order.
+    if tuple(fields) != _RECORD_ORDER:
+        return None
+    (actor, app, at, commit, details, image, environment, event, _, prev, run_id,
+     seq) = fields.values()
+    if type(seq) is not int or seq != index or prev != prev_hash or type(details) is not dict \
+            or type(event) is not str or not _EVENT_RE.fullmatch(event) \
+            or type(actor) is not str or not actor or type(at) is not str \
+            or not _AT_RE.fullmatch(at) or type(app) not in _TEXT or type(commit) not in _TEXT \
+            or type(image) not in _TEXT or type(environment) not in _TEXT \
+            or type(run_id) not in _TEXT:
         return None
     for value in details.values():
         if type(value) in _NESTED and _holds_float(value):
-            return None
-    for key in _OPTIONAL_TEXT:
-        value = fields.get(key)
-        if value is not None and type(value) is not str:
             return None
     try:
         datetime.fromisoformat(at)

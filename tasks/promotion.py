@@ -40,19 +40,35 @@ TOTP_VERIFIED = ("TOTP code of an enrolled approver, checked on the deploy side 
                  "secret, bound to this digest, time step {step} burned")
 
 
-def run_records(log: AuditLog, run_id: str) -> list[AuditRecord]:
-    """This run's audit records, in order (lines naming another run are not parsed)."""
+def run_records(log: AuditLog, run_id: str, chunk: int = 1 << 20) -> list[AuditRecord]:
+    """This run's audit records, in order, read backwards from the end of the log down to the
+    run's ``promotion.started`` (a running promotion's records are at the tail)."""
     if not log.path.exists():
         return []
     needle = f'"run_id":"{run_id}"'.encode()
-    out = []
+    start = b'"event":"promotion.started"'
+    found: list[bytes] = []
     with log.path.open("rb") as f:
-        for line in f:
-            if needle in line:
-                try:
-                    out.append(AuditRecord.model_validate_json(line))
-                except ValidationError:
-                    continue
+        position = f.seek(0, 2)
+        tail = b""
+        while position > 0:
+            step = min(chunk, position)
+            position -= step
+            f.seek(position)
+            lines = (f.read(step) + tail).split(b"\n")
+            tail = lines.pop(0) if position > 0 else b""  # may be cut: finish it next round
+            for line in reversed(lines):
+                if needle in line:
+                    found.append(line)
+                    if start in line:
+                        position = 0
+                        break
+    out = []
+    for line in reversed(found):
+        try:
+            out.append(AuditRecord.model_validate_json(line))
+        except ValidationError:
+            continue
     return out
 
 

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from blocks.credentials import DeployCredentials
 from infra.registry import RunningRegistry
 from portcullis.attestations import statement
+from portcullis.audit import AuditEntry, AuditLog
 from portcullis.chain import passed_in
 from portcullis.errors import ConfigurationError, PolicyRefusal, VerificationFailed
 from portcullis.models import ImageRef
@@ -44,6 +45,7 @@ from portcullis.signing.cosign_format import (
     generate_key_pair,
     public_key_pem,
 )
+from tasks.promotion import run_facts, run_records
 from tests.support.registry_fixture import copy_manifest, push_tiny_image
 
 pytestmark = pytest.mark.docker
@@ -238,3 +240,20 @@ def test_the_newest_matching_record_wins_and_rollbacks_do_not_count_as_a_pass(
         found = verify_promotion(deployer, rolled, "staging", [STAGING_KEY.public_key()],
                                  kinds=("promotion", "rollback"))
     assert "rolled back from sha256:cccc" in found.describe()
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_run_records_reads_back_to_the_runs_start_across_chunks(tmp_path: Any, chunk: int) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for run in ("a", "b", "a"):  # run "a" ran before: only its second start counts
+        log.append(AuditEntry(event="promotion.started", actor="p", run_id=run))
+        log.append(AuditEntry(event="gate.passed", actor="p", run_id=run, details={"x": "é" * 9}))
+        log.append(AuditEntry(event="gate.passed", actor="p", run_id="other"))
+    log.append(AuditEntry(event="approval.accepted", actor="alice", run_id="a",
+                          details={"totp_step": 5}))
+
+    records = run_records(log, "a", chunk=chunk)
+    assert [r.seq for r in records] == [6, 7, 9]
+    approvals, _, started = run_facts(records, ("alice",))
+    assert started == records[0].at and approvals[0].at == records[-1].at
+    assert "time step 5" in approvals[0].verified_by

@@ -22,16 +22,17 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import httpx
 import orjson
 from pydantic import Field, JsonValue, SecretStr, ValidationError, field_validator
 
@@ -39,6 +40,8 @@ from portcullis.errors import PortcullisError, TransientError
 from portcullis.models import Frozen
 
 GENESIS_HASH = "0" * 64
+#: Below this size a log is verified in one process: forking costs more than it saves.
+PARALLEL_MIN_BYTES = 8 << 20
 _EVENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -116,6 +119,8 @@ class HttpAuditSink(AuditSink):
 
     def emit(self, record: AuditRecord) -> None:
         """POST the record; a network error or non-2xx answer is a :class:`TransientError`."""
+        import httpx  # here, not at the top: it costs the verify CLI a second of start-up
+
         try:
             response = httpx.post(
                 self.url,
@@ -408,30 +413,91 @@ def _check_line(index: int, raw: bytes, prev_hash: str) -> tuple[str | None, str
     return None, stored
 
 
-def verify_log(path: Path, anchor_path: Path | None = None) -> VerifyReport:
+class _Span(NamedTuple):
+    """What one stretch of lines verified to: how far, the last hash, or the first break."""
+
+    next_index: int  # index after the last line read
+    last_hash: str
+    broken: int | None = None
+    reason: str = ""
+
+
+def _verify_span(path: Path, start: int, end: int | None, first_index: int, prev: str) -> _Span:
+    """Verify the lines that begin in bytes [start, end) of ``path``; the first is line
+    ``first_index`` and must chain to ``prev``."""
+    index = first_index
+    with path.open("rb", buffering=1 << 20) as f:
+        f.seek(start)
+        position = start
+        for raw in f:
+            if end is not None and position >= end:
+                break
+            position += len(raw)
+            fast = _fast_line(raw, index, prev)
+            if fast is None:
+                reason, fast = _check_line(index, raw, prev)
+                if reason is not None:
+                    return _Span(index, prev, index, reason)
+            prev = fast
+            index += 1
+    return _Span(index, prev)
+
+
+def _span_args(path: Path, workers: int) -> list[tuple[Path, int, int | None, int, str]]:
+    """Split the log at line boundaries into ``workers`` spans, each with its first line's
+    index and the hash its first line must chain to (the stored hash of the line before:
+    if that line is broken, an earlier span reports it first)."""
+    data = path.read_bytes()
+    size = len(data)
+    bounds = [0]
+    for j in range(1, workers):
+        cut = data.find(b"\n", size * j // workers)
+        if cut < 0 or cut + 1 >= size or cut + 1 <= bounds[-1]:
+            break
+        bounds.append(cut + 1)
+    spans: list[tuple[Path, int, int | None, int, str]] = []
+    index = 0
+    for start, end in zip(bounds, [*bounds[1:], size], strict=True):
+        prev = GENESIS_HASH
+        if start:
+            line = data[data.rfind(b"\n", 0, start - 1) + 1:start - 1]
+            try:
+                stored = orjson.loads(line).get("hash")
+            except (orjson.JSONDecodeError, AttributeError):
+                stored = None
+            prev = stored if isinstance(stored, str) else ""
+        spans.append((path, start, end if end < size else None, index, prev))
+        index += data.count(b"\n", start, end)
+    return spans
+
+
+def _verify_span_args(args: tuple[Path, int, int | None, int, str]) -> _Span:
+    return _verify_span(*args)
+
+
+def verify_log(path: Path, anchor_path: Path | None = None, *, workers: int = 1) -> VerifyReport:
     """Verify every record's hash, sequence and link, then the anchor if one is given.
 
     Args:
         path: the JSONL log.
         anchor_path: the separately kept head; without it a cut-off tail cannot be detected.
+        workers: processes to verify stretches of a large log in parallel (forked: only from
+            a single-threaded program such as the CLI). The answer is the same as with one.
 
     Returns:
         a report naming the first broken record (0-based index, = line number - 1).
     """
-    prev = GENESIS_HASH
-    count = 0
-    with path.open("rb", buffering=1 << 20) as f:
-        for index, raw in enumerate(f):
-            fast = _fast_line(raw, index, prev)
-            if fast is not None:
-                prev = fast
-                count = index + 1
-                continue
-            reason, digest = _check_line(index, raw, prev)
-            if reason is not None:
-                return VerifyReport(ok=False, count=index, first_broken=index, reason=reason)
-            prev = digest
-            count = index + 1
+    if workers > 1 and path.stat().st_size >= PARALLEL_MIN_BYTES:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            spans = list(pool.map(_verify_span_args, _span_args(path, workers)))
+    else:
+        spans = [_verify_span(path, 0, None, 0, GENESIS_HASH)]
+    for span in spans:
+        if span.broken is not None:
+            return VerifyReport(ok=False, count=span.broken, first_broken=span.broken,
+                                reason=span.reason)
+    count, prev = spans[-1].next_index, spans[-1].last_hash
     if anchor_path is None:
         return VerifyReport(
             ok=True,
@@ -488,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument(
         "--no-anchor", action="store_true", help="skip the anchor (tail cuts go unnoticed)"
     )
+    verify.add_argument(
+        "--workers", type=int, default=min(os.cpu_count() or 1, 4),
+        help="processes for a large log (default: the CPUs, at most 4); 1 verifies in one",
+    )
     args = parser.parse_args(argv)
     path: Path = args.path
     anchor: Path | None = None
@@ -501,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     try:
-        report = verify_log(path, anchor)
+        report = verify_log(path, anchor, workers=args.workers)
     except OSError as exc:
         print(f"error: cannot read {path}: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from portcullis import audit
 from portcullis.audit import (
     GENESIS_HASH,
     AuditEntry,
@@ -146,3 +147,28 @@ def test_verify_log_agrees_with_the_reference_on_every_single_byte_change(tmp_pa
         report = verify_log(path)
         ok, first = _reference(path)
         assert (report.ok, report.first_broken) == (ok, first), position
+
+
+def test_parallel_verification_gives_the_same_answer_as_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(audit, "PARALLEL_MIN_BYTES", 0)
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(40):
+        log.append(AuditEntry(event="gate.passed", actor="alice", run_id=f"run-{i}",
+                              details=DETAILS[i % len(DETAILS)]))
+    anchor = tmp_path / "audit.jsonl.head"
+    original = log.path.read_bytes()
+    assert verify_log(log.path, anchor, workers=3) == verify_log(log.path, anchor) \
+        == audit.VerifyReport(ok=True, count=40)
+    for position in range(0, len(original), 97):
+        damaged = bytearray(original)
+        damaged[position] ^= 0x01
+        log.path.write_bytes(bytes(damaged))
+        assert verify_log(log.path, anchor, workers=3) == verify_log(log.path, anchor), position
+    # Lines cut out at a span boundary, and a torn last line.
+    lines = original.splitlines(keepends=True)
+    for variant in (b"".join(lines[:20] + lines[21:]), original[:-5]):
+        log.path.write_bytes(variant)
+        assert verify_log(log.path, anchor, workers=3) == verify_log(log.path, anchor)
+        assert not verify_log(log.path, anchor, workers=3).ok

@@ -82,6 +82,7 @@ def test_a_forged_log_line_gets_nothing_into_prod_and_real_promotions_are_signed
 
     shown = _cli("portcullis", "verify-promotion", image, "--environment", "prod")
     assert shown.returncode == 0, shown.stderr
+    print(f"\nverify-promotion --environment prod:\n{shown.stdout}")
     assert f"promotion to prod of {app_name}" in shown.stdout
     assert "requested by trent" in shown.stdout and "freeze   clear" in shown.stdout
     assert "evidence signature: signed by key:" in shown.stdout

@@ -35,7 +35,7 @@ from portcullis.approval import (
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.catalog import catalog_freeze
-from portcullis.chain import COMPLETED, newest_passed, passed_in
+from portcullis.chain import newest_passed
 from portcullis.change import Change, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.gitops import GitOpsCommit
@@ -66,6 +66,7 @@ from tasks.gates import (
 )
 from tasks.gitops import commit_promotion
 from tasks.progress import StageProgress
+from tasks.promotion import complete_promotion, verify_passed
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -333,12 +334,11 @@ def deploy_side(
             deployment, canary_report = _canary(
                 image, app, environment, provenance["commit"], deploy_creds, policy, settings,
                 audit, ",".join(approved_by), subject)
-        audit.record(COMPLETED, image=str(image), approved_by=list(approved_by),
-                     url=deployment.url if deployment else None,
-                     container=deployment.container_name if deployment else None,
-                     previous_digest=deployment.previous_digest if deployment else None,
-                     gitops_commit=gitops.sha if gitops else None,
-                     ticket=emergency.ticket if emergency else None)
+        # Signs the promotion record the next environment trusts, then records COMPLETED.
+        complete_promotion(audit, image, policy, checks, approved_by, commit=provenance["commit"],
+                           requested_by=requester.name, deployment=deployment, gitops=gitops,
+                           canary=canary_report, ticket=emergency.ticket if emergency else None,
+                           credentials_block=deploy_block)
 
     result = PromotionResult(
         app=app, environment=environment, image=image, commit=provenance["commit"],
@@ -422,8 +422,10 @@ def refusals_recorded(audit: RunAudit) -> Iterator[None]:
         raise
 
 
-def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit) -> ImageRef:
-    """For a promoting environment: the digest, which must have passed the one before."""
+def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit,
+                   deploy_block: str | None = None) -> ImageRef:
+    """For a promoting environment: the digest, which must have passed the one before (a
+    promotion record signed by that environment's deploy side; the audit log proves nothing)."""
     if policy.promote_from is None:
         raise PolicyRefusal(f"{policy.environment} builds from source; it does not take an image")
     if image_ref is None:
@@ -432,8 +434,8 @@ def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunA
         )
     image = ImageRef.parse(image_ref)
     audit.digest = image.digest
-    passed = passed_in(audit.log, image.digest, policy.promote_from)
-    audit.record("chain.checked", passed_in=policy.promote_from, record=passed.seq)
+    passed = verify_passed(image, policy.promote_from, audit.app, deploy_block)
+    audit.record("chain.checked", passed_in=policy.promote_from, record=passed)
     return image
 
 
@@ -488,6 +490,6 @@ def promote(
                                         settings, audit, build_credentials_block)
             target = built.build.image
         else:
-            target = promoted_image(policy, image, audit)
+            target = promoted_image(policy, image, audit, deploy_credentials_block)
         return deploy_side(app, environment, target, built, requester,
                            deploy_credentials_block, settings, policy, audit)

@@ -1,7 +1,8 @@
 """Manual rollback: return an environment to its previous good digest and pin it there.
 
 The previous digest is the one recorded on the serving container when it replaced the
-version before it. It is verified again (signature, provenance, SBOM, scan) before it runs:
+version before it. A Docker-target rollback attaches a signed rollback record to the digest
+(what was rolled back to, from what, and why; see tasks/promotion.py). It is verified again (signature, provenance, SBOM, scan) before it runs:
 a rollback never deploys what would not pass verification today. The pin stops scheduled
 promotions from undoing the rollback until someone clears it with ``clear-pin``.
 """
@@ -27,6 +28,7 @@ from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
 from tasks.gates import RunAudit, environment_lock
 from tasks.gitops import revert_promotion
+from tasks.promotion import complete_rollback
 
 Environment = Literal["dev", "staging", "prod"]
 
@@ -82,6 +84,10 @@ def rollback(
             )
             audit.record("rollback.completed", rolled_back_from=live.digest, url=deployment.url,
                          reason=reason, commit_before=live.container.labels.get(LABEL_REVISION))
+            complete_rollback(audit, target, policy, checks, commit=commit,
+                              rolled_back_from=live.digest, reason=reason,
+                              requested_by=requested_by, deployed_to=deployment.url,
+                              credentials_block=deploy_credentials_block)
         open_state(settings).pins.pin(Pin(
             app=app, environment=environment, digest=target.digest, pinned_by=requested_by,
             reason=reason,

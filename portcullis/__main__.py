@@ -111,6 +111,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     from portcullis.settings import Settings
     from portcullis.state import open_state
     from tasks.gates import freeze_checker, open_audit_log
+    from tasks.promotion import verify_passed
     from tasks.supply_chain import verification_policy
 
     settings = Settings()
@@ -124,6 +125,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     with creds.registry_client() as client:
         plan = evaluate_plan(
             app=app, image=ImageRef.parse(image), policy=policy, log=open_audit_log(settings),
+            chain=lambda candidate, passed: verify_passed(candidate, passed, app),
             checks=verification_policy(policy).checks, evidence=creds.evidence_verifier(client),
             freeze=freeze_checker(catalog_freeze(policy, app), creds), directory=directory,
             sources=settings.home / "sources", requester=requested_by,
@@ -210,6 +212,22 @@ def _dora(days: int, textfile: Path | None, publish: bool) -> int:
     return 0
 
 
+def _verify_promotion(args: argparse.Namespace) -> int:
+    from blocks.credentials import DeployCredentials
+    from portcullis.models import ImageRef
+    from portcullis.promotion_record import verify_promotion
+    from portcullis.signing.cosign_format import load_public_key_file
+
+    creds = DeployCredentials.resolve(args.credentials_block)
+    keys = ([load_public_key_file(k) for k in args.key] if args.key
+            else creds.promotion_trust_root(args.environment))
+    with creds.registry_client() as client:
+        found = verify_promotion(client, ImageRef.parse(args.image), args.environment, keys,
+                                 app=args.app, kinds=("promotion", "rollback"))
+    print(f"VERIFIED: {found.predicate.app} in {args.environment}\n{found.describe()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command, map errors to exit codes."""
     parser = argparse.ArgumentParser(prog="python -m portcullis")
@@ -270,6 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     dora.add_argument("--prometheus-textfile", type=Path, default=None,
                       help="also write them for node-exporter's textfile collector")
     dora.add_argument("--publish", action="store_true", help="also publish the Prefect artifact")
+    record = sub.add_parser(
+        "verify-promotion",
+        help="verify the signed promotion record of a digest (registry and trust root only)")
+    record.add_argument("image", help="registry/repository@sha256:...")
+    record.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
+    record.add_argument("--app", default=None, help="also require the record to name this app")
+    record.add_argument("--key", type=Path, action="append", default=[],
+                        help="cosign.pub of that environment's deploy side (repeatable); "
+                        "default: the deploy credentials' promotion trust root")
+    record.add_argument("--credentials-block", default=None,
+                        help="saved deploy credentials; default PORTCULLIS_DEPLOY_*")
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
@@ -288,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             return _code(args.approver)
         if args.command == "reauthorise-ticket":
             return _reauthorise(args.ticket, args.approver, args.code, args.reason)
+        if args.command == "verify-promotion":
+            return _verify_promotion(args)
         return _demo(args)
     except PortcullisError as exc:
         print(f"portcullis: refused: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from portcullis.approval import ApprovalPolicy, Approver, ApproverDirectory
 from portcullis.audit import AuditTrail
-from portcullis.chain import newest_passed, passed_in
+from portcullis.chain import newest_passed
 from portcullis.change import change_between, local_repository
 from portcullis.errors import PolicyRefusal, PortcullisError
 from portcullis.evidence import EvidenceVerifier
@@ -71,17 +71,17 @@ class Plan(Frozen):
         return "\n".join(lines) + "\n"
 
 
-def _chain(log: AuditTrail, image: ImageRef, policy: EnvironmentPolicy) -> Gate:
+def _chain(chain: Callable[[ImageRef, str], str], image: ImageRef,
+           policy: EnvironmentPolicy) -> Gate:
     if policy.promote_from is None:
         return Gate(name="chain", outcome=Outcome.REFUSE,
                     reason=f"{policy.environment} builds from source; it does not take an image")
     try:
-        record = passed_in(log, image.digest, policy.promote_from)
+        found = chain(image, policy.promote_from)
     except PolicyRefusal as exc:
         return Gate(name="chain", outcome=Outcome.REFUSE, reason=exc.message)
     return Gate(name="chain", outcome=Outcome.PASS,
-                reason=f"passed {policy.promote_from} at {record.at.isoformat(timespec='seconds')} "
-                       f"(audit record {record.seq})")
+                reason=f"passed {policy.promote_from}: signed promotion record {found}")
 
 
 def _freeze(status: FreezeStatus) -> Gate:
@@ -177,7 +177,7 @@ def _canary(policy: EnvironmentPolicy, log: AuditTrail, app: str) -> Gate:
 
 def evaluate_plan(
     *, app: str, image: ImageRef, policy: EnvironmentPolicy, log: AuditTrail,
-    checks: Sequence[Check], evidence: EvidenceVerifier, freeze: Callable[[datetime], FreezeStatus],
+    chain: Callable[[ImageRef, str], str], checks: Sequence[Check], evidence: EvidenceVerifier, freeze: Callable[[datetime], FreezeStatus],
     directory: ApproverDirectory | None, sources: Path, requester: str | None, pin: Pin | None,
     at: datetime,
 ) -> Plan:
@@ -187,7 +187,9 @@ def evaluate_plan(
         app: the app.
         image: the digest-pinned image.
         policy: the target environment's policy (deploy side).
-        log: the audit log (the chain and what runs come from it, verified).
+        log: the audit trail (what runs and the canary history come from it, verified).
+        chain: checks that the image passed an environment (its signed promotion record);
+            returns a description, raises PolicyRefusal naming why not.
         checks: the deploy side's evidence checks for this policy.
         evidence: verifies signatures and attestations with the deploy side's trust roots.
         freeze: the environment's freeze answer (app windows included) for an instant.
@@ -206,7 +208,7 @@ def evaluate_plan(
                 gates.append(Gate(name=result.check, outcome=Outcome.PASS, reason=result.detail))
         except PortcullisError as exc:
             gates.append(Gate(name=check.name, outcome=Outcome.REFUSE, reason=str(exc)))
-    gates.append(_chain(log, image, policy))
+    gates.append(_chain(chain, image, policy))
     gates.append(_freeze(freeze(at)))
     provenance = results["provenance"].facts if "provenance" in results else None
     change_authors: tuple[str, ...] | None = None

@@ -460,6 +460,15 @@ class StoreAuditLog(AuditTrail):
             for _seq, _link, digest, body in batch
         ]
 
+    def run_records(self, run_id: str) -> list[AuditRecord]:
+        """One flow run's records, in order, by the table's ``run_id`` column."""
+        query = (sa.select(audit_records.c.hash, audit_records.c.body)
+                 .where(audit_records.c.run_id == run_id).order_by(audit_records.c.seq))
+        with reading(self.engine) as conn:
+            rows = conn.execute(query).all()
+        return [AuditRecord.model_validate({**pydantic_core.from_json(body), "hash": digest})
+                for digest, body in rows]
+
     def verify(self) -> VerifyReport:
         """Verify every record exactly as the JSONL verifier does, reading from the table.
 

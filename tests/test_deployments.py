@@ -50,7 +50,13 @@ from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 from prefect.context import _temporary_global_settings_context, get_settings_context
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
+from infra.demo_data import (
+    ensure_promotion_keys,
+    ensure_signing_keys,
+    ensure_trivy_db,
+    promotion_env,
+    trusted_keys_env,
+)
 from infra.docker_engine import DockerEngine
 from infra.production import POOLS, ProductionConfig, down, state_urls, up
 from infra.registry import RunningRegistry, free_port
@@ -220,6 +226,9 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
             "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deployer.password,
             "PORTCULLIS_DEPLOY_DOCKER_HOST": docker_engine.host,
             "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
+            "PORTCULLIS_DEPLOY_PROMOTER_USERNAME": "promoter",
+            "PORTCULLIS_DEPLOY_PROMOTER_PASSWORD": registry.account("promoter").password,
+            **promotion_env(ensure_promotion_keys(home)),
             "PORTCULLIS_INCIDENTS_BASE_URL": incidents_url,
             "PORTCULLIS_INCIDENTS_USERNAME": USER,
             "PORTCULLIS_INCIDENTS_PASSWORD": PASSWORD,

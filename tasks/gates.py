@@ -19,7 +19,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
-from portcullis.audit import AuditEntry, AuditLog, HttpAuditSink
+from portcullis.audit import AuditEntry, AuditLog, AuditRecord, HttpAuditSink
 from portcullis.freeze import ChangeCalendar, FreezeStatus, evaluate_freeze
 from portcullis.policy import EnvironmentPolicy
 from portcullis.settings import Settings
@@ -57,6 +57,19 @@ class RunAudit:
             environment=self.environment, digest=self.digest, commit=self.commit,
             details=dict(details),
         ))
+
+    def earlier(self, event: str, **match: JsonValue) -> AuditRecord | None:
+        """This run's first record of ``event`` whose details include ``match``, if any.
+
+        A run that waited for people without holding a process (suspended) starts again from
+        the top when it resumes; what it already did and recorded is taken from here instead
+        of being done twice.
+        """
+        for record in self.log.records():
+            if (record.run_id == self.run_id and record.event == event
+                    and all(record.details.get(k) == v for k, v in match.items())):
+                return record
+        return None
 
 
 def freeze_checker(policy: EnvironmentPolicy, credentials: DeployCredentials | None) -> Callable[[datetime], FreezeStatus]:

@@ -54,9 +54,16 @@ from tasks.approval import (
     subject_for_current_run,
 )
 from tasks.build import build_image
-from tasks.canary import CanaryReport, rollout
+from tasks.canary import CanaryReport, rollout, traffic_lease_seconds
 from tasks.deploy import deploy
-from tasks.gates import RunAudit, environment_lock, freeze_checker, freeze_gate, open_audit_log
+from tasks.gates import (
+    DEFAULT_WINDOW_SECONDS,
+    RunAudit,
+    environment_lock,
+    freeze_checker,
+    freeze_gate,
+    open_audit_log,
+)
 from tasks.gitops import commit_promotion
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
@@ -317,7 +324,7 @@ def deploy_side(
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
 
-    with environment_lock(environment, audit):
+    with environment_lock(environment, audit, window_seconds=_lock_window(policy)):
         # Re-check after the lock: time passed while waiting for approvals and the slot.
         freeze("before-traffic")
         checks = _verify(image, policy, audit, deploy_block, "after-lock")
@@ -358,6 +365,13 @@ def deploy_side(
     where = deployment.url if deployment else f"GitOps commit {gitops.sha[:12] if gitops else '?'}"
     print(f"{app} {image} promoted to {environment}: {where}")
     return result
+
+
+def _lock_window(policy: EnvironmentPolicy) -> float:
+    """The lock's heartbeat window: the canary's own window where there is a canary."""
+    if policy.canary is None:
+        return DEFAULT_WINDOW_SECONDS
+    return traffic_lease_seconds(policy.canary)
 
 
 def _canary(

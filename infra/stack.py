@@ -145,7 +145,7 @@ def up(config: StackConfig) -> StackInfo:
         client.close()
     private_pem, key_password, public_pem = ensure_signing_keys(state)
     ensure_trivy_db(state / "trivy")
-    traffic = ensure_traffic(state / "traffic", config.traffic_ports)
+    traffic = ensure_traffic(state / "traffic", config.traffic_ports, docker_host=engine.host)
     gitops_repo = ensure_gitops_repo(state, REPO_ROOT / "examples" / "gitops")
     approvers = ensure_approvers(state)
     calendar_url, calendar_token = ensure_calendar(state / "calendar", config.calendar_port)

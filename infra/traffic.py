@@ -3,6 +3,8 @@
 Started as daemons (pid files, idempotent) so the local stack keeps them between commands.
 HAProxy fronts every app/environment; Prometheus scrapes HAProxy's exporter and the latency
 exporter (per-request timings from HAProxy's log, for p99), and the canary analysis asks it.
+The canary watcher (infra/canary_watch.py) returns a canary's traffic to stable when the run
+holding it stops renewing its lease.
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ def _answers(url: str) -> bool:
         return False
 
 
-def ensure_traffic(state_dir: Path, ports: TrafficPorts) -> Traffic:
-    """Start (or find running) the exporter, HAProxy and Prometheus under ``state_dir``."""
+def ensure_traffic(state_dir: Path, ports: TrafficPorts, docker_host: str | None = None) -> Traffic:
+    """Start (or find running) the exporter, HAProxy, Prometheus and the canary watcher.
+
+    Args:
+        state_dir: where their state lives.
+        ports: their loopback ports.
+        docker_host: the engine the canaries run on, for the watcher (None: DOCKER_HOST).
+    """
     for binary in ("haproxy", "prometheus"):
         if shutil.which(binary) is None:
             raise ConfigurationError(f"{binary} is not installed", hint="run infra/bootstrap.sh")
@@ -75,12 +83,30 @@ def ensure_traffic(state_dir: Path, ports: TrafficPorts) -> Traffic:
         state_dir=prom_dir,
         ready=lambda: _answers(f"http://127.0.0.1:{ports.prometheus}/-/ready"), timeout=60,
     )
+    ensure_canary_watch(state_dir, docker_host)
     return Traffic(router_dir=state_dir / "router", prometheus_url=f"http://127.0.0.1:{ports.prometheus}")
+
+
+def ensure_canary_watch(state_dir: Path, docker_host: str | None = None) -> int:
+    """Start (or find running) the canary watcher of the router under ``state_dir``."""
+    watch_dir = state_dir / "canary-watch"
+    ready = watch_dir / "ready.json"
+    if running_pid(watch_dir / "canary-watch.pid") is None:
+        ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "infra.canary_watch", "--router-dir", str(state_dir / "router"),
+            "--ready-file", str(ready)]
+    if docker_host:
+        argv += ["--docker-host", docker_host]
+    repo = Path(__file__).resolve().parents[1]
+    return start_daemon("canary-watch", argv, state_dir=watch_dir, env={"PYTHONPATH": str(repo)},
+                        ready=ready.exists, timeout=30)
 
 
 def stop_traffic(state_dir: Path) -> list[str]:
     """Stop what :func:`ensure_traffic` started; returns the names of what was running."""
     stopped = []
+    if stop_daemon("canary-watch", state_dir=state_dir / "canary-watch"):
+        stopped.append("canary-watch")
     if stop_daemon("prometheus", state_dir=state_dir / "prometheus"):
         stopped.append("prometheus")
     router = Router(state_dir / "router")

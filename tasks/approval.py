@@ -110,18 +110,22 @@ def requester_for_current_run(
 
     A run the Prefect server's scheduler created (``auto_scheduled``, which no API client can
     set) is the scheduler's, whatever ``requested_by`` says. Any other run was started by a
-    person, who proves it with their current code; where ``must_verify`` (a person must
+    person, who proves it with the code that was current when the server created the run; where ``must_verify`` (a person must
     approve) an unproven name is refused, elsewhere it is recorded as unverified.
 
     Raises:
         PolicyRefusal: the proof is missing, wrong, or replayed where it is required.
     """
-    if _current_run().auto_scheduled:
+    run = _current_run()
+    if run.auto_scheduled:
         return Requester(name=SCHEDULER, proof=RequesterProof.SCHEDULE)
     if requester_code.strip():
         if directory is None or replay is None:
             raise PolicyRefusal("a requester code was given but this side has no identity directory")
-        return verify_requester(directory, requested_by, requester_code, datetime.now(UTC), replay)
+        # The code must have been current when the server created the run (a time the caller
+        # cannot set), however long the run then waited for a worker.
+        return verify_requester(directory, requested_by, requester_code,
+                                run.created or datetime.now(UTC), replay)
     if must_verify:
         raise PolicyRefusal(
             f"a promotion that people must approve needs a verified requester: {requested_by!r} "

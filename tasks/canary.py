@@ -10,6 +10,8 @@ tasks/approval.py ``decide_inconclusive_canary``).
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +19,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import docker
+import docker.errors
+from docker.models.containers import Container
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from blocks.credentials import DeployCredentials
-from infra.haproxy import Router, ServerRole
+from infra.canary_watch import traffic_leases, traffic_subject
+from infra.haproxy import Router, ServerRole, backend_name
 from portcullis.canary.analysis import (
     AnalysisPhase,
     CanaryPolicy,
@@ -33,6 +39,7 @@ from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal, TransientError
+from portcullis.lease import LeaseKeeper, TrafficLease, holder_identity, lease_expiry
 from portcullis.models import Deployment, Frozen, ImageRef
 from tasks.deploy import retire_others, start_in_free_slot
 
@@ -56,6 +63,9 @@ class CanaryReport(Frozen):
         default=None, description="from the start of the failing window to 100% on stable"
     )
     load: tuple[LoadResult, ...] = ()
+    verdict_at: float | None = Field(
+        default=None, exclude=True,
+        description="time.monotonic() of a failing verdict, to time the way back to stable")
 
 
 class _Load:
@@ -90,6 +100,16 @@ def _container_exit(client: docker.DockerClient, container_id: str) -> str | Non
     return None
 
 
+def traffic_lease_seconds(policy: CanaryPolicy) -> float:
+    """How long a canary keeps its traffic without a renewal: one (the longest) window.
+
+    A run that dies is noticed one lease later, so stable has everything back within two
+    windows (lease + the watcher's sweep), and no step ever changes weights on a lease the
+    watcher could already have acted on.
+    """
+    return max(step.window_seconds for step in policy.steps)
+
+
 def rollout(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
     policy: CanaryPolicy, router: Router, provider: MetricsProvider, record: Record,
@@ -98,12 +118,18 @@ def rollout(
 ) -> tuple[Deployment, CanaryReport | None]:
     """Deploy ``image`` behind the router, as a canary when a version already serves.
 
+    While the canary holds traffic this run holds a lease on it (renewed from a thread); if the
+    run dies, the canary watcher returns the traffic to stable when the lease expires. Any
+    exception in here (``KeyboardInterrupt``, ``SystemExit`` and Prefect's cancellation
+    included) first returns the traffic to stable and removes the canary, then propagates.
+
     Returns:
         The deployment (``url`` is the router's front door) and the canary report (None for a
         first deploy, which has nothing to compare with).
 
     Raises:
         CanaryFailed: the canary was rolled back; stable serves everything again.
+        LeaseLost: this run stalled past its lease and the watcher took the canary back.
     """
     plan = port_plan(app, environment)
     front = f"http://{creds.public_host}:{plan.front}/"
@@ -116,59 +142,135 @@ def rollout(
                                 health_path=HEALTH_PATH)
             record("canary.skipped", reason="first deploy: no stable version to compare with")
             return _deployment(image, app, environment, candidate, front, None, commit), None
-        router.ensure_route(app, environment, listen_port=plan.front,
-                            stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
-        router.point_server(app, environment, ServerRole.CANARY, port)
-        report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
-                                   provider, record, front, synthetic_load)
-        decided_by = "analysis"
-        if report.phase is AnalysisPhase.INCONCLUSIVE:
-            # Stable takes all traffic while a person decides.
-            router.set_canary_weight(app, environment, 0)
-            choice, decided_by = on_inconclusive(verdict)
-            report = report.model_copy(update={"decided_by": decided_by,
-                                               "phase": AnalysisPhase.SUCCESSFUL if choice == "promote"
-                                               else AnalysisPhase.FAILED})
+        keeper = _hold_traffic(router, app, environment, str(candidate.id), port, policy)
+        try:
+            router.ensure_route(app, environment, listen_port=plan.front,
+                                stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
+            with keeper.acting():
+                router.point_server(app, environment, ServerRole.CANARY, port)
+            report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
+                                       provider, record, front, synthetic_load, keeper)
+            decided_by = "analysis"
+            if report.phase is AnalysisPhase.INCONCLUSIVE:
+                # Stable takes all traffic while a person decides.
+                with keeper.acting():
+                    router.set_canary_weight(app, environment, 0)
+                choice, decided_by = on_inconclusive(verdict)
+                report = report.model_copy(update={
+                    "decided_by": decided_by,
+                    "phase": AnalysisPhase.SUCCESSFUL if choice == "promote" else AnalysisPhase.FAILED})
+            if report.phase is AnalysisPhase.SUCCESSFUL:
+                # Shift everything to the canary, then make it the stable server, then retire
+                # the old version: at no moment does traffic go to a container that is stopping.
+                with keeper.acting():
+                    router.set_canary_weight(app, environment, 100)
+                    router.point_server(app, environment, ServerRole.STABLE, port)
+                    router.disable_canary(app, environment)
+        except BaseException as exc:
+            # Whatever stopped the analysis, the canary must not keep its traffic.
+            reason = f"{type(exc).__name__} during the canary: {exc}"
+            _roll_back(router, candidate, keeper, record, app, environment, reason, None,
+                       decided_by="error")
+            raise
         if report.phase is AnalysisPhase.SUCCESSFUL:
-            # Shift everything to the canary, then make it the stable server, then retire the
-            # old version: at no moment does traffic go to a container that is stopping.
-            router.set_canary_weight(app, environment, 100)
-            router.point_server(app, environment, ServerRole.STABLE, port)
-            router.disable_canary(app, environment)
+            # From here the new version is stable: nothing below may roll it back.
+            keeper.stop()
             time.sleep(1.0)  # let requests in flight on the old version finish
             retire_others(client, app, environment, keep=str(candidate.id))
             record("canary.promoted", steps=list(report.steps), decided_by=decided_by)
             return _deployment(image, app, environment, candidate, front, live.digest, commit), report
-        started = time.monotonic()
-        router.disable_canary(app, environment)
-        seconds = report.seconds_to_stable
-        if seconds is not None:
-            seconds += time.monotonic() - started
-        candidate.remove(force=True)
-        report = report.model_copy(update={"seconds_to_stable": seconds})
-        record("canary.rolled-back", reason=report.reason, steps=list(report.steps),
-               seconds_to_stable=seconds, decided_by=decided_by)
+        seconds = _roll_back(router, candidate, keeper, record, app, environment, report.reason,
+                             report, decided_by=decided_by)
         raise CanaryFailed(
             f"canary of {app} {image.digest[:19]} in {environment} rolled back: {report.reason}",
-            hint=f"{live.digest[:19]} keeps serving at {front}",
+            hint=f"{live.digest[:19]} keeps serving at {front}"
+            + (f" (stable again {seconds:.2f}s after the verdict)" if seconds is not None else ""),
         )
     finally:
         client.close()
 
 
+def _hold_traffic(router: Router, app: str, environment: str, container_id: str, port: int,
+                  policy: CanaryPolicy) -> LeaseKeeper[TrafficLease]:
+    ttl = traffic_lease_seconds(policy)
+    lease = TrafficLease(
+        subject=traffic_subject(app, environment), holder=holder_identity(_run_id()),
+        pid=os.getpid(), host=socket.gethostname(), ttl_seconds=ttl,
+        expires_at=lease_expiry(ttl), app=app, environment=environment,
+        canary_container=container_id, canary_port=port)
+    return LeaseKeeper(traffic_leases(router.state_dir), lease).start()
+
+
+def _run_id() -> str | None:
+    run = flow_run.get_id()
+    return str(run) if run else None
+
+
+def _stable_again(router: Router, app: str, environment: str) -> None:
+    """All traffic to stable, read back from HAProxy: the canary's weight is 0."""
+    router.disable_canary(app, environment)
+    backend = backend_name(app, environment)
+    for _ in range(10):
+        if router.runtime.get_weight(backend, ServerRole.CANARY.value) == 0:
+            return
+        router.runtime.set_weight(backend, ServerRole.CANARY.value, 0)
+    raise TransientError(f"HAProxy keeps a non-zero weight on the canary of {backend}",
+                         hint="the canary watcher returns it to stable when the lease expires")
+
+
+def _roll_back(
+    router: Router, candidate: Container, keeper: LeaseKeeper[TrafficLease], record: Record,
+    app: str, environment: str, reason: str, report: CanaryReport | None, *, decided_by: str,
+) -> float | None:
+    """Stable gets everything back, the canary goes, the reason is recorded; each step is tried
+    even if an earlier one failed, and the lease is released last."""
+    started = time.monotonic()
+    problems: list[str] = []
+    if keeper.lost.is_set():
+        # The watcher took the canary back already, and the route may hold a newer run's
+        # canary by now: a run that lost its lease never touches the router again.
+        problems.append("lease lost: the canary watcher returned the traffic to stable")
+    else:
+        try:
+            _stable_again(router, app, environment)
+        except Exception as exc:  # noqa: BLE001 - the watcher finishes it when the lease expires
+            problems.append(f"router: {exc}")
+    back = time.monotonic()
+    try:
+        time.sleep(0.5)  # requests in flight on the canary finish before it stops
+        candidate.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+    except Exception as exc:  # noqa: BLE001 - recorded; the watcher removes it on lease expiry
+        problems.append(f"container: {exc}")
+    # On a problem the lease is left to expire, so that the watcher completes the rollback.
+    keeper.stop(release=not problems)
+    verdict_to_stable = None
+    if report is not None and report.verdict_at is not None:
+        verdict_to_stable = back - report.verdict_at
+    record("canary.rolled-back", reason=reason, decided_by=decided_by,
+           steps=list(report.steps) if report else [],
+           seconds_to_stable=(report.seconds_to_stable + back - started)
+           if report and report.seconds_to_stable is not None else None,
+           verdict_to_stable_seconds=verdict_to_stable, problems=problems)
+    return verdict_to_stable
+
+
 def _analyse(
     client: docker.DockerClient, container_id: str, app: str, environment: str,
     policy: CanaryPolicy, router: Router, provider: MetricsProvider, record: Record,
-    front: str, synthetic_load: bool,
+    front: str, synthetic_load: bool, keeper: LeaseKeeper[TrafficLease],
 ) -> tuple[CanaryReport, Verdict]:
     target = CanaryTarget(backend=f"{app}.{environment}")
     measurements: list[Measurement] = []
     loads: list[LoadResult] = []
     verdict = decide(policy, measurements)
     window_start = time.monotonic()
+    verdict_at: float | None = None
     while not verdict.phase.terminal:
         assert verdict.next_step is not None and verdict.next_weight is not None
-        router.set_canary_weight(app, environment, verdict.next_weight)
+        with keeper.acting():
+            router.set_canary_weight(app, environment, verdict.next_weight)
         seconds = policy.steps[verdict.next_step].window_seconds
         # The window opens just after the weight change so it holds no request routed under
         # the previous weight.
@@ -178,17 +280,23 @@ def _analyse(
         crashed = None
         while datetime.now(UTC) < start + timedelta(seconds=seconds):
             crashed = _container_exit(client, container_id)
-            if crashed:
+            if crashed or keeper.lost.is_set():
                 break
             time.sleep(0.25)
-        if load is not None and (result := load.wait()) is not None:
-            loads.append(result)
+        keeper.ensure_held()
         if crashed:
+            # Stable first, then the paperwork: every moment counts for the users.
+            verdict_at = time.monotonic()
+            _stable_again(router, app, environment)
+            if load is not None and (result := load.wait()) is not None:
+                loads.append(result)
             record("canary.crashed", reason=crashed)
             return CanaryReport(phase=AnalysisPhase.FAILED, reason=crashed,
                                 steps=tuple(a.summary() for a in verdict.assessments),
                                 seconds_to_stable=time.monotonic() - window_start,
-                                load=tuple(loads)), verdict
+                                verdict_at=verdict_at, load=tuple(loads)), verdict
+        if load is not None and (result := load.wait()) is not None:
+            loads.append(result)
         window = Window(start=start, end=start + timedelta(seconds=seconds))
         try:
             measurements.append(measure(provider, target, step=verdict.next_step,
@@ -197,6 +305,9 @@ def _analyse(
             measurements.append(Measurement(step=verdict.next_step, weight=verdict.next_weight,
                                             window=window, error=str(exc)))
         verdict = decide(policy, measurements)
+        verdict_at = time.monotonic()
+        if verdict.phase in (AnalysisPhase.FAILED, AnalysisPhase.ERROR):
+            _stable_again(router, app, environment)
         record("canary.step", weight=measurements[-1].weight, phase=verdict.phase.value,
                summary=verdict.assessments[-1].summary() if verdict.assessments else "")
     failing = verdict.phase in (AnalysisPhase.FAILED, AnalysisPhase.ERROR)
@@ -204,6 +315,7 @@ def _analyse(
         phase=verdict.phase, reason=verdict.reason,
         steps=tuple(a.summary() for a in verdict.assessments),
         seconds_to_stable=(time.monotonic() - window_start) if failing else None,
+        verdict_at=verdict_at if failing else None,
         load=tuple(loads),
     ), verdict
 

@@ -7,20 +7,39 @@ module only connects them to a flow run.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from uuid import UUID
 
-from prefect.client.orchestration import get_client
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+
+# The renewal loop of Prefect's own concurrency() (prefect/concurrency/_sync.py), used alone
+# because this lock needs the lease id, which concurrency() keeps to itself.
+from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
 from portcullis.audit import AuditEntry, AuditLog, AuditRecord, HttpAuditSink
+from portcullis.errors import ConfigurationError
 from portcullis.freeze import ChangeCalendar, FreezeStatus, evaluate_freeze
+from portcullis.lease import (
+    LeaseKeeper,
+    LeaseStore,
+    LockLease,
+    expired,
+    holder_identity,
+    lease_expiry,
+)
 from portcullis.policy import EnvironmentPolicy
 from portcullis.settings import Settings
 
@@ -110,18 +129,107 @@ def ensure_environment_lock(environment: str) -> None:
             pass  # another run created it between our read and our create
 
 
+PREFECT_MIN_LEASE_SECONDS = 60.0
+"""Prefect 3.8.8's server refuses a shorter lease on a concurrency slot (``ge=60``)."""
+
+DEFAULT_WINDOW_SECONDS = 30.0
+"""Heartbeat window of the lock when the environment has no canary to size it from."""
+
+
+def lock_lease_seconds(window_seconds: float) -> float:
+    """Prefect's lease on the slot: two windows, but never under the server's minimum.
+
+    It is the backstop for a holder that left no heartbeat; the heartbeat (one window) is what
+    frees a dead holder's slot within two windows.
+    """
+    return max(PREFECT_MIN_LEASE_SECONDS, 2 * window_seconds)
+
+
+def _holder(run_id: str) -> ConcurrencyLeaseHolder | None:
+    try:
+        return ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id))
+    except ValueError:
+        return None
+
+
+def _reclaim_dead_holder(client: SyncPrefectClient, store: LeaseStore[LockLease], subject: str,
+                         audit: RunAudit) -> bool:
+    """Free the slot of a holder whose heartbeat expired; True when one was freed."""
+    with store.locked(subject):
+        dead = store.read(subject)
+        if dead is None or not expired(dead, datetime.now(UTC)):
+            return False
+        # Revoking by lease id frees exactly the dead holder's slot: if it was released in the
+        # meantime, this is a no-op on the server.
+        client.release_concurrency_slots_with_lease(UUID(dead.prefect_lease_id))
+        store.remove(subject)
+    audit.record("lock.reclaimed", lock=lock_name(subject), from_holder=dead.holder,
+                 pid=dead.pid, host=dead.host, expired_at=dead.expires_at.isoformat())
+    return True
+
+
+def _acquire(client: SyncPrefectClient, name: str, store: LeaseStore[LockLease],
+             environment: str, audit: RunAudit, window_seconds: float) -> UUID:
+    poll = max(0.2, window_seconds / 4)
+    while True:
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency",
+                lease_duration=lock_lease_seconds(window_seconds), holder=_holder(audit.run_id))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:  # 423 Locked: the slot is taken
+                raise
+            if not _reclaim_dead_holder(client, store, environment, audit):
+                time.sleep(poll)
+            continue
+        granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+        if not granted.limits:
+            raise ConfigurationError(f"the Prefect server has no concurrency limit {name!r}",
+                                     hint="it is created by ensure_environment_lock")
+        return granted.lease_id
+
+
 @contextmanager
-def environment_lock(environment: str, audit: RunAudit) -> Iterator[None]:
+def environment_lock(environment: str, audit: RunAudit, *,
+                     window_seconds: float = DEFAULT_WINDOW_SECONDS,
+                     state_dir: Path | None = None) -> Iterator[None]:
     """Hold the environment's one deploy slot; strict, so a missing limit is an error, not a pass.
 
     Taken after approval (a paused run must not block others) and held until traffic has
     settled. A deployment's own concurrency limit is no substitute: Prefect releases that slot
     while a run is paused.
+
+    The holder keeps a heartbeat lease of one ``window_seconds`` in ``state_dir`` (default
+    ``<home>/locks``) and Prefect's lease on the slot renewed; a run waiting for the slot
+    revokes the Prefect lease of a holder whose heartbeat expired, so a killed run frees it
+    within two windows instead of Prefect's lease (at least 60 s) plus its repossessor loop.
+    If the slot is taken from a holder that is in fact alive, Prefect's renewal fails and
+    cancels that holder's execution, as ``concurrency(strict=True)`` does.
     """
     ensure_environment_lock(environment)
-    with concurrency(lock_name(environment), occupy=1, strict=True):
-        audit.record("lock.acquired", lock=lock_name(environment))
+    name = lock_name(environment)
+    store = LeaseStore(state_dir or Settings().home / "locks", LockLease)
+    with get_client(sync_client=True) as client:
+        lease_id = _acquire(client, name, store, environment, audit, window_seconds)
+        heartbeat = LeaseKeeper(store, LockLease(
+            subject=environment, holder=holder_identity(audit.run_id), pid=os.getpid(),
+            host=socket.gethostname(), ttl_seconds=window_seconds,
+            expires_at=lease_expiry(window_seconds), environment=environment,
+            prefect_lease_id=str(lease_id))).start()
         try:
-            yield
+            with maintain_concurrency_lease(lease_id, lock_lease_seconds(window_seconds),
+                                            raise_on_lease_renewal_failure=True):
+                audit.record("lock.acquired", lock=name)
+                try:
+                    yield
+                finally:
+                    audit.record("lock.released", lock=name,
+                                 heartbeat_lost=heartbeat.lost.is_set())
         finally:
-            audit.record("lock.released", lock=lock_name(environment))
+            heartbeat.stop()
+            try:
+                client.release_concurrency_slots_with_lease(lease_id)
+            except httpx.HTTPError as exc:
+                # Not raised over the run's own outcome: the slot frees itself when Prefect's
+                # lease runs out, since nothing renews it any more.
+                audit.record("lock.release-failed", lock=name, reason=str(exc))

@@ -71,5 +71,5 @@ def test_no_flow_parameter_can_carry_or_weaken_a_policy() -> None:
     assert not {p for p in params if "policy" in p or "scan" in p or "branch" in p or "skip" in p}
     assert params == {
         "app", "environment", "source_repo", "commit", "ref", "context_path", "image",
-        "requested_by", "build_credentials_block", "deploy_credentials_block",
+        "requested_by", "requester_code", "build_credentials_block", "deploy_credentials_block",
     }

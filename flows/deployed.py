@@ -12,12 +12,13 @@
   post-incident review due in 48 hours.
 * ``post-incident-reviews`` (scheduled) publishes the review status and lists overdue ones.
 
-Each flow asserts at run time that it runs on the side (pool) it was written for.
+Each flow checks at run time that it runs under its side's Portcullis worker configuration
+(``portcullis.sides.require_worker_run``): the file the worker names, its side, and exactly its
+PORTCULLIS_* variables.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -41,7 +42,6 @@ from flows.promote import (
     refusals_recorded,
     start_run,
 )
-from infra.production import assert_worker_side
 from portcullis.approval import RequesterProof
 from portcullis.chain import newest_passed
 from portcullis.errors import PolicyRefusal, TransientError
@@ -50,6 +50,7 @@ from portcullis.pins import PinStore
 from portcullis.policy import load_policy
 from portcullis.reviews import REPORT_ARTIFACT_KEY, ReviewStore, render_report
 from portcullis.settings import Settings
+from portcullis.sides import Side, require_worker_run
 from tasks.gates import RunAudit, freeze_checker, freeze_gate, open_audit_log
 
 BUILD_DEPLOYMENT = "build-release/build"
@@ -71,10 +72,8 @@ def _held_by_pin(app: str, environment: str, settings: Settings, audit: RunAudit
     return True
 
 
-def _side(expected: str) -> None:
-    # The local single-process stack has no pools; the deployments always set the variable.
-    if os.environ.get("PORTCULLIS_REQUIRE_WORKER_SIDE", "1") == "1":
-        assert_worker_side(expected)  # type: ignore[arg-type]
+def _side(expected: Side, app: str | None = None, environment: str | None = None) -> None:
+    require_worker_run(expected, run_id=str(flow_run.get_id()), app=app, environment=environment)
 
 
 @flow(name="build-release", log_prints=True, persist_result=True)
@@ -95,7 +94,7 @@ def build_release(
     Returns:
         The digest-pinned build with its scan verdict and timings.
     """
-    _side("build")
+    _side("build", app, environment)
     settings = Settings()
     policy = load_policy(environment, settings.policy_dir)
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
@@ -141,7 +140,7 @@ def promote_dev(
     Returns:
         The promotion's result, or None when a rollback pin held the environment.
     """
-    _side("deploy")
+    _side("deploy", app, "dev")
     settings, policy, audit = start_run(app, "dev", requested_by, commit=commit)
     with refusals_recorded(audit):
         requester = establish_requester(policy, requested_by, requester_code, audit)
@@ -156,7 +155,7 @@ def promote_dev(
 
 def _promote_passed(app: str, environment: str, image: str | None, requested_by: str,
                     requester_code: str) -> PromotionResult | None:
-    _side("deploy")
+    _side("deploy", app, environment)
     settings, policy, audit = start_run(app, environment, requested_by, image=image)
     with refusals_recorded(audit):
         requester = establish_requester(policy, requested_by, requester_code, audit)
@@ -254,7 +253,7 @@ def emergency_promote(
     Returns:
         The promotion's result.
     """
-    _side("deploy")
+    _side("deploy", app, "prod")
     if not justification.strip():
         raise PolicyRefusal("an emergency promotion needs a justification")
     settings, normal, audit = start_run(app, "prod", requested_by, image=image,

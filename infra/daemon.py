@@ -87,7 +87,10 @@ def start_daemon(
         return pid
     full_env = dict(os.environ)
     full_env.update(env or {})
-    with open(log_path, "ab") as log:
+    # Owner-only: a daemon's log can hold what its children print.
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(log_fd, 0o600)
+    with os.fdopen(log_fd, "ab") as log:
         # A new session so that stopping the caller's terminal does not take the daemon down,
         # and so that `down` can signal the whole process group.
         proc = subprocess.Popen(
@@ -100,6 +103,7 @@ def start_daemon(
         )
     if pid_file is None:
         pid_path.write_text(str(proc.pid))
+        pid_path.chmod(0o600)
     if not wait_until(lambda: proc.poll() is None and ready(), timeout=timeout):
         code = proc.poll()
         tail = log_path.read_text(errors="replace")[-1500:]

@@ -6,15 +6,17 @@
   in the state directory, run as the ``postgres`` user when started by root), with a
   ``prefect`` role that owns the ``prefect`` database and nothing else;
 * a Prefect server against that database, its API closed by an auth string;
-* the work pools ``portcullis-build`` and ``portcullis-deploy`` (type ``process``);
-* one process worker per pool, each with its own environment: the build worker sees only
-  ``PORTCULLIS_BUILD_*`` variables, the deploy worker only ``PORTCULLIS_DEPLOY_*`` (plus the
-  deploy-side incident, approver and canary settings); both see the shared, secret-free
+* the work pools ``portcullis-build`` and ``portcullis-deploy`` (type ``process``) with the
+  locked base job template (:func:`portcullis.worker.locked_base_job_template`); a pool whose
+  template was changed is reported, and reset only with ``up --reset-pools``;
+* one Portcullis worker (``python -m portcullis.worker``) per pool, each configured by its own
+  file ``<state>/worker-<side>.toml`` (0600): the build worker's flow runs get only
+  ``PORTCULLIS_BUILD_*`` variables, the deploy worker's only ``PORTCULLIS_DEPLOY_*`` (plus the
+  deploy-side incident, approver and canary settings); both get the shared, secret-free
   settings (:data:`SHARED_VARIABLES`: home, policy directory, trivy cache, scratch space,
   audit log, approval poll, flow code checkout) and one result store, so promote-dev on the
   deploy pool can read the evidence of the build-release run it started on the build pool.
-  Each gets ``PORTCULLIS_WORKER_SIDE`` so a flow can assert where it runs
-  (:func:`assert_worker_side`).
+  The worker processes themselves get no PORTCULLIS_* variable: the files are the authority.
 
 ``down`` stops what ``up`` started (workers, server, then the database); ``status`` reports
 what runs. State (database files, generated passwords in ``secrets.json`` mode 0600, logs)
@@ -34,28 +36,29 @@ import shutil
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, assert_never
+from typing import Any
 
 import httpx
 
 from infra.daemon import running_pid, start_daemon, stop_daemon, wait_until
 from infra.prefect_server import prefect_env
 from portcullis.errors import ConfigurationError, PortcullisError
+from portcullis.sides import Side, WorkerConfig
 from portcullis.toolrun import run_tool
+from portcullis.worker import canonical, locked_base_job_template
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-Side = Literal["build", "deploy"]
 SIDES: tuple[Side, ...] = ("build", "deploy")
 
 #: Work pool of each side.
 POOLS: dict[Side, str] = {"build": "portcullis-build", "deploy": "portcullis-deploy"}
 
-#: Which PORTCULLIS_* variables a side's worker may see (exact names or prefixes ending "_").
-#: Everything else named PORTCULLIS_* is removed from that worker's environment, so a build
-#: flow run cannot read deploy credentials and the other way round.
+#: Which PORTCULLIS_* variables of the shell running `up` go into a side's worker configuration
+#: (exact names or prefixes ending "_"). Nothing else named PORTCULLIS_* reaches that side's
+#: flow runs, so a build flow run cannot read deploy credentials and the other way round.
 SIDE_VARIABLES: dict[Side, tuple[str, ...]] = {
     "build": ("PORTCULLIS_BUILD_",),
     "deploy": (
@@ -82,7 +85,20 @@ SHARED_VARIABLES: tuple[str, ...] = (
     "PORTCULLIS_REPO_DIR",
 )
 
-WORKER_SIDE_VAR = "PORTCULLIS_WORKER_SIDE"
+#: The deployments (``flow/deployment``) each side's worker runs, and their only entrypoints
+#: (as in deployments.yaml).
+ENTRYPOINTS: dict[Side, dict[str, str]] = {
+    "build": {"build-release/build": "flows/deployed.py:build_release"},
+    "deploy": {
+        "promote-dev/dev": "flows/deployed.py:promote_dev",
+        "promote-staging/staging": "flows/deployed.py:promote_staging",
+        "promote-prod/prod": "flows/deployed.py:promote_prod",
+        "emergency-promote/emergency": "flows/deployed.py:emergency_promote",
+        "post-incident-reviews/reviews": "flows/deployed.py:post_incident_reviews",
+        "rollback/rollback": "flows/rollback.py:rollback",
+        "clear-pin/clear-pin": "flows/rollback.py:clear_pin",
+    },
+}
 DB_NAME = "prefect"
 DB_ROLE = "prefect"
 DB_ADMIN = "portcullis_admin"
@@ -187,6 +203,8 @@ class ProductionInfo:
     pools: tuple[str, ...]
     workers: tuple[WorkerInfo, ...]
     env_file: str
+    #: What `up` found and did about the pools (a changed template, a reset).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -444,31 +462,32 @@ def _ensure_server(config: ProductionConfig, made: _Secrets) -> int:
     )
 
 
-def _ensure_pool(config: ProductionConfig, made: _Secrets, pool: str) -> None:
+def _ensure_pool(config: ProductionConfig, made: _Secrets, pool: str, reset: bool) -> str | None:
+    """Create ``pool`` with the locked template; report (and, when ``reset``, undo) a change."""
+    locked = locked_base_job_template()
     with _api(config, made) as api:
         found = api.get(f"/work_pools/{pool}")
-    if found.status_code == 200:
-        return
-    if found.status_code != 404:
-        raise PortcullisError(
-            f"reading work pool {pool} from {config.api_url} failed: HTTP {found.status_code}",
-            hint=f"see {config.state_dir / 'prefect-server.log'}",
-        )
-    env = _client_env(config, made, config.state_dir / "prefect")
-    auth = env.pop("PREFECT_API_AUTH_STRING")
-    run_tool(
-        [
-            str(Path(sys.executable).with_name("prefect")),
-            "work-pool",
-            "create",
-            pool,
-            "--type",
-            "process",
-        ],
-        timeout=120,
-        env=env,
-        secret_env={"PREFECT_API_AUTH_STRING": auth},
-    )
+        if found.status_code == 404:
+            created = api.post("/work_pools/", json={
+                "name": pool, "type": "process", "base_job_template": locked})
+            if created.status_code not in (200, 201):
+                raise PortcullisError(
+                    f"creating work pool {pool} failed: HTTP {created.status_code} {created.text[:300]}")
+            return None
+        if found.status_code != 200:
+            raise PortcullisError(
+                f"reading work pool {pool} from {config.api_url} failed: HTTP {found.status_code}",
+                hint=f"see {config.state_dir / 'prefect-server.log'}",
+            )
+        if canonical(found.json().get("base_job_template")) == canonical(locked):
+            return None
+        if not reset:
+            return (f"work pool {pool}: its base job template was changed; its worker refuses "
+                    "every run until `python -m infra.production up --reset-pools`")
+        patched = api.patch(f"/work_pools/{pool}", json={"base_job_template": locked})
+        if patched.status_code not in (200, 204):
+            raise PortcullisError(f"resetting work pool {pool} failed: HTTP {patched.status_code}")
+        return f"work pool {pool}: its base job template was changed; reset to the locked one"
 
 
 def worker_name(side: Side) -> str:
@@ -492,9 +511,8 @@ def _worker_online(config: ProductionConfig, made: _Secrets, side: Side) -> bool
 
 
 def _worker_env(config: ProductionConfig, made: _Secrets, side: Side) -> dict[str, str]:
-    """The Prefect settings a worker (and every flow run it starts) gets explicitly."""
+    """The Prefect settings a worker gets (its flow runs get them too); no PORTCULLIS_*."""
     env = _client_env(config, made, config.state_dir / f"worker-{side}")
-    env[WORKER_SIDE_VAR] = side
     env["PREFECT_WORKER_QUERY_SECONDS"] = f"{config.worker_query_seconds:g}"
     # One result store for both sides. Only flows that ask for it persist their result
     # (build-release does); task results stay in memory, so nothing a deploy task returns is
@@ -503,23 +521,46 @@ def _worker_env(config: ProductionConfig, made: _Secrets, side: Side) -> dict[st
     return env
 
 
+def worker_config_path(config: ProductionConfig, side: Side) -> Path:
+    """Where ``up`` writes the configuration file of ``side``'s worker."""
+    return config.state_dir / f"worker-{side}.toml"
+
+
+def worker_config(config: ProductionConfig, side: Side,
+                  environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    """``side``'s worker configuration, from the PORTCULLIS_* settings of ``environ`` (default:
+    the environment `up` runs in) that :data:`SIDE_VARIABLES` / :data:`SHARED_VARIABLES` allow."""
+    env = os.environ if environ is None else environ
+    keep = SIDE_VARIABLES[side] + SHARED_VARIABLES
+    chosen = {k: v for k, v in env.items() if k.startswith("PORTCULLIS_")
+              and any(k == p or (p.endswith("_") and k.startswith(p)) for p in keep)}
+    home = Path(chosen.get("PORTCULLIS_HOME", REPO_ROOT / ".stack"))
+    return WorkerConfig(
+        side=side, pool=POOLS[side], name=worker_name(side),
+        checkout=Path(chosen.get("PORTCULLIS_REPO_DIR", REPO_ROOT)).resolve(),
+        audit_log=Path(chosen.get("PORTCULLIS_AUDIT_LOG", home / "audit" / "audit.jsonl")),
+        deployments=ENTRYPOINTS[side], environment=chosen,
+    )
+
+
 def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
     env = _worker_env(config, made, side)
     config.results_dir.mkdir(mode=0o700, exist_ok=True)
-    prefect = Path(sys.executable).with_name("prefect")
+    path = worker_config_path(config, side)
+    if running_pid(config.state_dir / f"worker-{side}.pid") is None:
+        # Rewritten only when the worker (re)starts: a running worker keeps its file.
+        _write_private(path, worker_config(config, side).to_toml())
     return start_daemon(
         f"worker-{side}",
         [
-            *_clean_env_prefix(keep=SIDE_VARIABLES[side] + SHARED_VARIABLES, setting=env),
-            str(prefect),
-            "worker",
-            "start",
-            "--pool",
-            POOLS[side],
-            "--type",
-            "process",
-            "--name",
-            worker_name(side),
+            *_clean_env_prefix(keep=(), setting=env),
+            sys.executable,
+            "-m",
+            "portcullis.worker",
+            "--side",
+            side,
+            "--config",
+            str(path),
         ],
         state_dir=config.state_dir,
         env=env,
@@ -528,16 +569,22 @@ def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
     )
 
 
-def up(config: ProductionConfig) -> ProductionInfo:
-    """Bring everything up (idempotent) and report what runs."""
+def up(config: ProductionConfig, *, reset_pools: bool = False) -> ProductionInfo:
+    """Bring everything up (idempotent) and report what runs.
+
+    Args:
+        config: where and on which ports.
+        reset_pools: put the locked base job template back on a pool whose template was
+            changed (otherwise only reported in :attr:`ProductionInfo.notes`).
+    """
     config.state_dir.mkdir(parents=True, exist_ok=True)
     # Traversable (not listable) so the database account can reach its own subdirectory.
     config.state_dir.chmod(0o711)
     made = _secrets(config.state_dir)
     _ensure_postgres(config, made)
     _ensure_server(config, made)
-    for side in SIDES:
-        _ensure_pool(config, made, POOLS[side])
+    notes = [note for side in SIDES
+             if (note := _ensure_pool(config, made, POOLS[side], reset_pools)) is not None]
     for side in SIDES:
         _ensure_worker(config, made, side)
     env_lines = [
@@ -545,7 +592,7 @@ def up(config: ProductionConfig) -> ProductionInfo:
         f"export PREFECT_API_AUTH_STRING={made.api_auth_string!r}",
     ]
     _write_private(config.state_dir / "env", "\n".join(env_lines) + "\n")
-    return status(config)
+    return replace(status(config), notes=tuple(notes))
 
 
 def status(config: ProductionConfig) -> ProductionInfo:
@@ -612,30 +659,6 @@ def down(config: ProductionConfig) -> list[str]:
     return stopped
 
 
-def assert_worker_side(expected: Side, environ: Mapping[str, str] | None = None) -> None:
-    """Refuse to go on unless this process runs on the ``expected`` side's worker.
-
-    Args:
-        expected: "build" or "deploy".
-        environ: the environment to look at; default ``os.environ``.
-
-    Raises:
-        ConfigurationError: ``PORTCULLIS_WORKER_SIDE`` is missing or names the other side.
-    """
-    env = os.environ if environ is None else environ
-    actual = env.get(WORKER_SIDE_VAR)
-    match expected:
-        case "build" | "deploy":
-            if actual != expected:
-                raise ConfigurationError(
-                    f"this flow run must run on the {expected} side, but {WORKER_SIDE_VAR} is "
-                    f"{actual!r}",
-                    hint=f"run the deployment on the {POOLS[expected]} work pool",
-                )
-        case _:
-            assert_never(expected)
-
-
 def _describe(info: ProductionInfo) -> str:
     lines = [
         f"postgresql      {info.database}  (pid {info.postgres_pid or 'not running'})",
@@ -648,6 +671,7 @@ def _describe(info: ProductionInfo) -> str:
     for w in info.workers:
         lines.append(f"worker          {w.pool}: {w.name} {w.status} (pid {w.pid})")
     lines.append(f"environment     source {info.env_file}")
+    lines += [f"NOTE            {note}" for note in info.notes]
     return "\n".join(lines)
 
 
@@ -660,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--reset-pools", action="store_true",
+                        help="up: put the locked base job template back on a changed pool")
     args = parser.parse_args(argv)
     config = ProductionConfig.from_env()
     try:
@@ -667,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
             stopped = down(config)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
             return 0
-        info = up(config) if args.command == "up" else status(config)
+        info = up(config, reset_pools=args.reset_pools) if args.command == "up" else status(config)
     except PortcullisError as exc:
         print(f"production {args.command} failed: {exc}", file=sys.stderr)
         return 1

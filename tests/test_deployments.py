@@ -13,7 +13,7 @@ runs are triggered through the API or by a schedule, then:
 * emergency-promote goes through the prod freeze with a valid P1 ticket and one on-call
   approval, records the bypass with the ticket and opens a post-incident review; a closed,
   P3, unknown or mismatched ticket is refused with the reason;
-* a flow started on the other side's pool refuses to run.
+* a deployment moved to the other side's pool is refused by that pool's worker.
 
 The stack, the deployments and the dev promotion are shared by the module (one build).
 """
@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -53,12 +52,19 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 
 from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
 from infra.docker_engine import DockerEngine
-from infra.production import POOLS, ProductionConfig, Side, down, up
+from infra.production import POOLS, ProductionConfig, down, up
 from infra.registry import RunningRegistry, free_port
 from portcullis.audit import AuditLog, AuditRecord
 from portcullis.reviews import ReviewStore
+from portcullis.sides import Side
 from tasks.deploy import LABEL_APP
 from tests.support.approval_driver import Resumer
+from tests.support.production import (
+    deploy_all,
+    pause_shipped_schedules,
+    secrets_found,
+    wait_final,
+)
 from tests.support.servicenow import PASSWORD, USER, TableApi, incident_row, serve
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
@@ -70,7 +76,6 @@ SECRETS = {name: pyotp.random_base32() for name in
 GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call",
           "olga": "on-call", "trent": "developers", "erin": "developers", "frank": "developers",
           "gina": "developers", "hank": "developers"}
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "Ada Author", "GIT_AUTHOR_EMAIL": "ada@example.com",
            "GIT_COMMITTER_NAME": "Ada Author", "GIT_COMMITTER_EMAIL": "ada@example.com"}
 TICKETS = {"open-p1": "INC0020001", "closed": "INC0020002", "p3": "INC0020003",
@@ -139,6 +144,9 @@ class Stack:
     app_repo: Path
     incidents: TableApi
     deploy_seconds: float
+    auth: str
+    #: Every secret the setup holds, by name: no log may carry one.
+    secrets: dict[str, str]
     figures: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -156,20 +164,6 @@ class Stack:
         return "\n".join(
             f"--- {side} worker ---\n" + (self.config.state_dir / f"worker-{side}.log")
             .read_text(errors="replace")[-3000:] for side in POOLS)
-
-
-def _deploy(config: ProductionConfig, auth: str) -> float:
-    """``prefect deploy --all`` as an operator runs it, against this stack; returns seconds."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_API_URL=config.api_url, PREFECT_API_AUTH_STRING=auth,
-               PREFECT_HOME=str(config.state_dir / "operator"), PORTCULLIS_REPO_DIR=str(REPO_ROOT))
-    started = time.monotonic()
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "--no-prompt", "deploy", "--all",
-         "--prefect-file", "deployments.yaml"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +221,6 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
             "PORTCULLIS_APPROVERS_FILE": str(approvers),
         }.items():
             mp.setenv(key, value)
-        mp.delenv("PORTCULLIS_REQUIRE_WORKER_SIDE", raising=False)
         try:
             started = time.monotonic()
             up(config)
@@ -237,10 +230,16 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
             with temporary_settings({PREFECT_API_URL: config.api_url,
                                      PREFECT_API_AUTH_STRING: auth}), \
                     _temporary_global_settings_context(get_settings_context()):
-                deployed = _deploy(config, auth)
+                deployed = deploy_all(config, auth)
                 print(f"prefect deploy --all: {deployed:.1f}s")
-                _pause_shipped_schedules()
-                yield Stack(config, home, app, app_repo, incidents, deployed)
+                _check_shipped_schedules()
+                pause_shipped_schedules()
+                held = {"build registry password": builder.password,
+                        "deploy registry password": deployer.password,
+                        "cosign key password": password, "API auth string": auth,
+                        "incidents password": PASSWORD,
+                        **{f"TOTP secret of {n}": v for n, v in SECRETS.items()}}
+                yield Stack(config, home, app, app_repo, incidents, deployed, auth, held)
         finally:
             down(config)
             for container in docker_client.containers.list(
@@ -249,34 +248,16 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
             shutil.rmtree(state, ignore_errors=True)
 
 
-def _pause_shipped_schedules() -> None:
-    """Turn off every schedule deployments.yaml ships, so none fires during the test."""
+def _check_shipped_schedules() -> None:
+    """What deployments.yaml says arrived on the server."""
     with get_client(sync_client=True) as client:
-        deployments = client.read_deployments()
-        assert {d.work_pool_name for d in deployments} == set(POOLS.values())
-        assert all(d.enforce_parameter_schema for d in deployments)
         staging = client.read_deployment_by_name("promote-staging/staging")
-        # What deployments.yaml says arrived on the server.
         assert [s.schedule.model_dump().get("cron") for s in staging.schedules] == ["0 22 * * 1-5"]
-        for deployment in deployments:
-            for schedule in deployment.schedules:
-                client.update_deployment_schedule(deployment.id, schedule.id, active=False)
 
 
 def _trigger(client: SyncPrefectClient, deployment: str, name: str, **parameters: Any) -> FlowRun:
     found = client.read_deployment_by_name(deployment)
     return client.create_flow_run_from_deployment(found.id, parameters=parameters, name=name)
-
-
-def _wait(client: SyncPrefectClient, run_id: UUID, timeout: float = 240) -> FlowRun:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.read_flow_run(run_id)
-        if run.state_type is not None and run.state_type.value in FINAL:
-            return run
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"flow run {run.name} still {run.state_name} after {timeout:.0f}s")
-        time.sleep(0.5)
 
 
 def _runs_of(client: SyncPrefectClient, deployment_id: UUID, app: str) -> list[FlowRun]:
@@ -317,7 +298,7 @@ def dev(stack: Stack) -> DevPromotion:
         created = _trigger(client, "promote-dev/dev", f"{stack.app}-dev", app=stack.app,
                            source_repo=str(stack.app_repo), commit="HEAD", ref="main",
                            context_path=".", requested_by="trent")
-        run = _wait(client, created.id)
+        run = wait_final(client, created.id)
         assert run.state_name == "Completed", f"{run.state.message if run.state else ''}\n{stack.worker_logs()}"
         (build,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
@@ -387,7 +368,7 @@ def test_a_schedule_promotes_the_newest_digest_that_passed_dev(
             client.delete_deployment_schedule(staging.id, schedule.id)
         resumer = Resumer(run.name)
         thread = resumer.play([lambda: form("carol", dev.digest)])
-        run = _wait(client, run.id)
+        run = wait_final(client, run.id)
         thread.join(30)
         assert resumer.error is None, resumer.error
         assert run.state_name == "Completed", f"{run.state.message if run.state else ''}\n{stack.worker_logs()}"
@@ -412,7 +393,7 @@ def test_staging_refuses_a_digest_that_never_passed_dev(stack: Stack) -> None:
         created = _trigger(client, "promote-staging/staging", f"{stack.app}-ghost",
                            app="ghost", image=ghost, requested_by="alice",
                            requester_code=code("alice"))
-        run = _wait(client, created.id)
+        run = wait_final(client, created.id)
     assert run.state_name == "Failed"
     assert run.state is not None and "never passed dev" in str(run.state.message)
 
@@ -430,11 +411,11 @@ def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
         }
         resumer = Resumer(f"{stack.app}-em-open-p1")
         thread = resumer.play([lambda: form("dave", dev.digest)])
-        done = {case: _wait(client, run.id) for case, run in runs.items()}
+        done = {case: wait_final(client, run.id) for case, run in runs.items()}
         thread.join(30)
-    assert resumer.error is None, resumer.error
     good = done.pop("open-p1")
     assert good.state_name == "Completed", f"{good.state.message if good.state else ''}\n{stack.worker_logs()}"
+    assert resumer.error is None, resumer.error
     reasons = {
         "closed": "it is Closed (closed)",
         "p3": "it is P3 (3 - Moderate); the emergency path is for P1 and P2",
@@ -460,7 +441,7 @@ def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
 
     # The same ticket a second time: one ticket opens one emergency promotion.
     with get_client(sync_client=True) as client:
-        again = _wait(client, _trigger(
+        again = wait_final(client, _trigger(
             client, "emergency-promote/emergency", f"{stack.app}-em-again", app=stack.app,
             image=dev.image, incident_ticket=ticket, justification="once more",
             requested_by="erin", requester_code=code("erin")).id)
@@ -482,13 +463,13 @@ def _deployed_by(stack: Stack, run: FlowRun) -> list[AuditRecord]:
 def test_emergency_attacks_are_refused_and_recorded(stack: Stack, dev: DevPromotion) -> None:
     with get_client(sync_client=True) as client:
         # A ticket that claims to open tomorrow.
-        future = _wait(client, _emergency(client, stack, dev, "future", "frank").id)
+        future = wait_final(client, _emergency(client, stack, dev, "future", "frank").id)
         # One on-call person alone: dave asks, and dave's own approval is refused; olga, a
         # second person, is needed.
         alone = _emergency(client, stack, dev, "alone", "dave")
         resumer = Resumer(alone.name)
         thread = resumer.play([lambda: form("dave", dev.digest), lambda: form("olga", dev.digest)])
-        alone = _wait(client, alone.id)
+        alone = wait_final(client, alone.id)
         thread.join(30)
         assert resumer.error is None, resumer.error
         # The ticket is closed while the approval waits: checked again before traffic moves.
@@ -502,7 +483,7 @@ def test_emergency_attacks_are_refused_and_recorded(stack: Stack, dev: DevPromot
 
         resumer_mid = Resumer(mid.name)
         thread = resumer_mid.play([close_then_approve])
-        mid = _wait(client, mid.id)
+        mid = wait_final(client, mid.id)
         thread.join(30)
         assert resumer_mid.error is None, resumer_mid.error
 
@@ -538,12 +519,25 @@ def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
                 enforce_parameter_schema=True)
             wrong[deployment] = client.create_flow_run_from_deployment(
                 moved, parameters=parameters, name=f"{stack.app}-wrong-side")
-        done = {d: _wait(client, r.id) for d, r in wrong.items()}
-    sides: tuple[tuple[str, Side], ...] = (("build-release/build", "build"),
-                                           ("promote-staging/staging", "deploy"))
+        done = {d: wait_final(client, r.id) for d, r in wrong.items()}
+    # Each pool's worker runs only the deployments its host configured for it.
+    sides: tuple[tuple[str, Side], ...] = (("build-release/build", "deploy"),
+                                           ("promote-staging/staging", "build"))
     for deployment, side in sides:
         run = done[deployment]
         assert run.state_name == "Failed", deployment
         message = str(run.state.message if run.state else "")
-        assert f"must run on the {side} side" in message, message
-        assert f"run the deployment on the {POOLS[side]} work pool" in message, message
+        moved_key = f"{deployment.split('/')[0]}/{deployment.split('/')[1]}-on-{POOLS[side]}"
+        assert f"deployment {moved_key} is not configured on the {side} worker" in message, message
+        refused = [r for r in stack.audit.records()
+                   if r.event == "worker.refused" and r.run_id == str(run.id)]
+        assert len(refused) == 1 and refused[0].details["side"] == side
+
+
+def test_no_log_carries_a_secret(stack: Stack, dev: DevPromotion) -> None:
+    # After a build, a deploy, an approval and the emergency path (tests above, same module):
+    # the workers' logs, the server's log and every log line the API holds carry no secret.
+    configured = "".join(path.read_text() for path in stack.config.state_dir.glob("worker-*.toml"))
+    for name in ("build registry password", "deploy registry password", "cosign key password"):
+        assert stack.secrets[name] in configured, name  # the scan looks for values really used
+    assert secrets_found(stack.secrets, stack.config, stack.auth) == {}

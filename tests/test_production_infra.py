@@ -1,8 +1,10 @@
 """The production-like setup: PostgreSQL, a Prefect server on it, and one worker per pool.
 
 Given a fresh state directory and free loopback ports, when ``up`` runs, then the API (closed
-by its auth string) lists both work pools with an ONLINE worker each, every worker sees only
-its own side's variables, a second ``up`` changes nothing, and ``down`` stops everything.
+by its auth string) lists both work pools (locked base job template) with an ONLINE Portcullis
+worker each, every worker's configuration file holds only its own side's variables and the
+worker processes none, a second ``up`` changes nothing, a changed pool template is reported and
+reset only when asked, and ``down`` stops everything.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from infra.daemon import running_pid
 from infra.production import (
     POOLS,
     ProductionConfig,
-    assert_worker_side,
     down,
     status,
     up,
+    worker_config_path,
     worker_name,
 )
 from infra.registry import free_port
-from portcullis.errors import ConfigurationError
+from portcullis.sides import load_worker_config
+from portcullis.worker import canonical, locked_base_job_template
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -94,23 +97,48 @@ def test_up_brings_database_server_pools_and_workers(production: ProductionConfi
         time.sleep(0.5)
     assert seen == expected
 
-    # Each worker has its own side's variables and its side marker, nothing of the other's.
+    # Each worker's file has its own side's variables, nothing of the other's; the worker
+    # processes have no PORTCULLIS_* variable at all (the file is the authority).
     for side, other in (("build", "deploy"), ("deploy", "build")):
-        pid = running_pid(production.state_dir / f"worker-{side}.pid")
-        assert pid is not None
-        env = _environ(pid)
-        assert env["PORTCULLIS_WORKER_SIDE"] == side
+        path = worker_config_path(production, side)  # type: ignore[arg-type]
+        assert path.stat().st_mode & 0o777 == 0o600
+        config = load_worker_config(path)
+        assert config.side == side and config.pool == POOLS[side]
+        env = config.environment
         assert env[f"PORTCULLIS_{side.upper()}_PROBE"] == f"{side}-only"
         assert f"PORTCULLIS_{other.upper()}_PROBE" not in env
         assert env["PORTCULLIS_HOME"] == "/srv/portcullis"
         assert "PORTCULLIS_STACK_PROBE" not in env
+        pid = running_pid(production.state_dir / f"worker-{side}.pid")
+        assert pid is not None
+        process_env = _environ(pid)
+        assert not [k for k in process_env if k.startswith("PORTCULLIS_")]
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [
+            b"-m", b"portcullis.worker"]
         # One result store for both sides: how promote-dev reads the build's evidence.
-        assert env["PREFECT_LOCAL_STORAGE_PATH"] == str(production.results_dir)
-        assert "PREFECT_API_DATABASE_CONNECTION_URL" not in env
-        assert env["PREFECT_API_URL"] == api
-        assert_worker_side(side, env)  # type: ignore[arg-type]
-        with pytest.raises(ConfigurationError, match=f"must run on the {other} side"):
-            assert_worker_side(other, env)  # type: ignore[arg-type]
+        assert process_env["PREFECT_LOCAL_STORAGE_PATH"] == str(production.results_dir)
+        assert "PREFECT_API_DATABASE_CONNECTION_URL" not in process_env
+        assert process_env["PREFECT_API_URL"] == api
+        assert (production.state_dir / f"worker-{side}.log").stat().st_mode & 0o777 == 0o600
+    assert config.deployments["promote-staging/staging"] == "flows/deployed.py:promote_staging"
+
+    # Both pools carry the locked template; a changed one is reported, reset only when asked.
+    for pool in POOLS.values():
+        found = httpx.get(f"{api}/work_pools/{pool}", headers=headers, timeout=10).json()
+        assert canonical(found["base_job_template"]) == canonical(locked_base_job_template())
+    opened = locked_base_job_template()
+    opened["variables"]["properties"]["command"] = {"type": "string"}
+    patched = httpx.patch(f"{api}/work_pools/{POOLS['deploy']}", headers=headers, timeout=10,
+                          json={"base_job_template": opened})
+    assert patched.status_code == 204, patched.text
+    noted = up(production)
+    assert noted.notes == ((f"work pool {POOLS['deploy']}: its base job template was changed; its "
+                           "worker refuses every run until `python -m infra.production up "
+                           "--reset-pools`"),)
+    reset = up(production, reset_pools=True)
+    assert reset.notes == ((f"work pool {POOLS['deploy']}: its base job template was changed; "
+                           "reset to the locked one"),)
+    assert up(production).notes == ()
 
     # The server really runs on PostgreSQL, as the prefect role.
     server_env = _environ(info.server_pid)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NoReturn
+from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
@@ -24,6 +25,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
+from prefect.input.run_input import keyset_from_base_key
 from pydantic import Field, ValidationError
 
 from portcullis.approval import (
@@ -241,6 +243,15 @@ def _opened_at(audit: AuditLog, subject: ApprovalSubject, event: str, ledger_key
     return None
 
 
+def _answered_at(run_id: str, state_name: str, key: str) -> datetime | None:
+    """When the server stored the answer to the wait with ``key`` (its own timestamp)."""
+    response_key = keyset_from_base_key(f"{state_name.lower()}-{key}")["response"]
+    with get_client(sync_client=True) as client:
+        found = client.filter_flow_run_input(UUID(run_id), key_prefix=response_key, limit=1,
+                                             exclude_keys=set())
+    return found[0].created if found else None
+
+
 def _durable() -> bool:
     # A run of a deployment can wait without a process: Prefect suspends it and a worker
     # runs it again from the top when it is resumed. A run without one (the local stack's
@@ -282,13 +293,13 @@ def _collect(
             return state
         remaining = max(1, math.ceil((ledger.deadline - now).total_seconds()))
         prompt = form.with_initial_data(description=render(ledger, now, notice))
+        key = f"{ledger_key}-{submission}"
         try:
             if durable:
-                answer = suspend_flow_run(wait_for_input=prompt, timeout=remaining,
-                                          key=f"{ledger_key}-{submission}")
+                answer = suspend_flow_run(wait_for_input=prompt, timeout=remaining, key=key)
             else:
                 answer = pause_flow_run(wait_for_input=prompt, timeout=remaining,
-                                        poll_interval=poll_interval)
+                                        poll_interval=poll_interval, key=key)
         except FlowPauseTimeout:
             continue  # the ledger's deadline has passed: the next turn reports TIMED_OUT
         except ValidationError as exc:
@@ -298,7 +309,10 @@ def _collect(
                                 ledger=ledger_key, submission=submission, refusal=None))
             submission += 1
             continue
-        result = ledger.submit(answer.decision_for_ledger(), clock())
+        # A code is checked against the moment the server received the answer: a resumed run
+        # may only get to it after a worker picked the run up again.
+        answered = _answered_at(subject.run_id, "Suspended" if durable else "Paused", key)
+        result = ledger.submit(answer.decision_for_ledger(), answered or clock())
         _record_submission(audit, subject, result, ledger_key, submission)
         submission += 1
         notice = result.message if result.accepted else f"Refused: {result.message}"

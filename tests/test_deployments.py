@@ -511,10 +511,11 @@ def test_emergency_attacks_are_refused_and_recorded(stack: Stack, dev: DevPromot
     assert mid.state_name == "Failed"
     assert "Closed" in str(mid.state.message if mid.state else "")
     assert not _deployed_by(stack, mid)
-    # Read again after the wait (the resumed run re-checks its ticket first thing, and again
-    # right before traffic): the approval counted, then the closed ticket stopped the run.
+    # Read again after the wait: the resumed run re-checks its ticket first thing (and again
+    # right before traffic), so the closed ticket stops it before the answer is even counted.
     events = [r.event for r in stack.audit.records() if r.run_id == str(mid.id)]
-    assert events.index("emergency.ticket-refused") > events.index("approval.accepted"), events
+    assert events.index("emergency.ticket-refused") > events.index("promotion.resumed"), events
+    assert "approval.accepted" not in events and "promotion.completed" not in events
 
 
 # --- waiting for people holds no process ------------------------------------------------------

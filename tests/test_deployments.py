@@ -50,6 +50,7 @@ from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 from prefect.context import _temporary_global_settings_context, get_settings_context
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from infra.daemon import stop_daemon
 from infra.demo_data import (
     ensure_promotion_keys,
     ensure_signing_keys,
@@ -66,6 +67,7 @@ from portcullis.state import State, open_state_url
 from tasks.deploy import LABEL_APP
 from tests.support.approval_driver import Resumer
 from tests.support.production import (
+    FINAL,
     deploy_all,
     pause_shipped_schedules,
     secrets_found,
@@ -78,9 +80,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {name: pyotp.random_base32() for name in
-           ("alice", "bob", "carol", "dave", "olga", "trent", "erin", "frank", "gina", "hank")}
+           ("alice", "bob", "carol", "dave", "olga", "oscar", "trent", "erin", "frank", "gina",
+            "hank")}
 GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call",
-          "olga": "on-call", "trent": "developers", "erin": "developers", "frank": "developers",
+          "olga": "on-call", "oscar": "on-call", "trent": "developers", "erin": "developers", "frank": "developers",
           "gina": "developers", "hank": "developers"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "Ada Author", "GIT_AUTHOR_EMAIL": "ada@example.com",
            "GIT_COMMITTER_NAME": "Ada Author", "GIT_COMMITTER_EMAIL": "ada@example.com"}
@@ -129,14 +132,23 @@ def _app_repo(path: Path) -> None:
         subprocess.run(["git", "-C", str(path), *argv], check=True, env=env, capture_output=True)
 
 
+_LAST_STEP: dict[str, int] = {}
+
+
 def code(name: str) -> str:
-    """``name``'s current code (each person proves a requester identity once per test)."""
-    return pyotp.TOTP(SECRETS[name]).now()
+    """A code of ``name`` that no earlier use in this module burned: a code counts once, and
+    the deploy side accepts the next 30 s step too, so a person may act twice in one step."""
+    step = int(time.time() // 30)
+    use = max(step, _LAST_STEP.get(name, step - 1) + 1)
+    if use > step + 1:  # a third use within 30 s: wait for the next step (rare)
+        time.sleep((use - 1) * 30 - time.time() + 0.1)
+    _LAST_STEP[name] = use
+    return pyotp.TOTP(SECRETS[name]).at(use * 30)
 
 
 def form(name: str, digest: str) -> dict[str, Any]:
-    """An approval as the run's form takes it, with the approver's current TOTP code."""
-    return {"approver": name, "code": pyotp.TOTP(SECRETS[name]).now(),
+    """An approval as the run's form takes it, with an unused code of the approver's."""
+    return {"approver": name, "code": code(name),
             "digest_prefix": digest[7:19], "decision": "approve", "comment": "looks good"}
 
 
@@ -478,11 +490,11 @@ def test_emergency_attacks_are_refused_and_recorded(stack: Stack, dev: DevPromot
     with get_client(sync_client=True) as client:
         # A ticket that claims to open tomorrow.
         future = wait_final(client, _emergency(client, stack, dev, "future", "frank").id)
-        # One on-call person alone: dave asks, and dave's own approval is refused; olga, a
-        # second person, is needed.
-        alone = _emergency(client, stack, dev, "alone", "dave")
+        # One on-call person alone: oscar asks, and oscar's own approval is refused; olga, a
+        # second person, is needed. (A code is burned once used: each person acts once here.)
+        alone = _emergency(client, stack, dev, "alone", "oscar")
         resumer = Resumer(alone.name)
-        thread = resumer.play([lambda: form("dave", dev.digest), lambda: form("olga", dev.digest)])
+        thread = resumer.play([lambda: form("oscar", dev.digest), lambda: form("olga", dev.digest)])
         alone = wait_final(client, alone.id)
         thread.join(30)
         assert resumer.error is None, resumer.error
@@ -513,8 +525,130 @@ def test_emergency_attacks_are_refused_and_recorded(stack: Stack, dev: DevPromot
     assert mid.state_name == "Failed"
     assert "Closed" in str(mid.state.message if mid.state else "")
     assert not _deployed_by(stack, mid)
-    refused = [r for r in stack.records("emergency.ticket-refused", "prod") if r.run_id == str(mid.id)]
-    assert [r.details["stage"] for r in refused] == ["before-traffic"]
+    # Read again after the wait: the resumed run re-checks its ticket first thing (and again
+    # right before traffic), so the closed ticket stops it before the answer is even counted.
+    events = [r.event for r in stack.audit.records() if r.run_id == str(mid.id)]
+    assert events.index("emergency.ticket-refused") > events.index("promotion.resumed"), events
+    assert "approval.accepted" not in events and "promotion.completed" not in events
+
+
+# --- waiting for people holds no process ------------------------------------------------------
+
+
+def _suspended(client: SyncPrefectClient, run_id: UUID, timeout: float = 120) -> FlowRun:
+    """The run once it waits for input with no process (Suspended, input schema saved)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        state = run.state
+        if state is not None and state.name == "Suspended" and state.state_details.run_input_keyset:
+            try:
+                client.read_flow_run_input(run.id, state.state_details.run_input_keyset["schema"])
+                return run
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise
+        if run.state_type is not None and run.state_type.value in FINAL:
+            raise AssertionError(f"{run.name} ended {run.state_name}: {state.message if state else ''}")
+        time.sleep(0.3)
+    raise TimeoutError(f"flow run {run_id} never suspended")
+
+
+def _no_process(pid: str | None) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(int(pid.rsplit(":", 1)[-1]), 0)
+    except (ProcessLookupError, ValueError):
+        return True
+    return False
+
+
+def _answer(client: SyncPrefectClient, run: FlowRun, answer: dict[str, Any]) -> None:
+    result = client.resume_flow_run(run.id, run_input=answer)
+    assert result.status.value == "ACCEPT", result.details
+
+
+def _once_per_run(stack: Stack, run: FlowRun) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in stack.audit.records():
+        if record.run_id == str(run.id):
+            key = record.event + (f":{record.details['stage']}" if "stage" in record.details else "")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_a_waiting_promotion_survives_worker_and_server_restarts(
+    stack: Stack, dev: DevPromotion,
+) -> None:
+    with get_client(sync_client=True) as client:
+        created = _trigger(client, "promote-staging/staging", f"{stack.app}-durable",
+                           app=stack.app, image=dev.image, requested_by="bob",
+                           requester_code=code("bob"))
+        waiting = _suspended(client, created.id)
+        # Nothing runs for it while it waits: its process exits once it has suspended.
+        deadline = time.monotonic() + 60
+        while not _no_process(waiting.infrastructure_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _no_process(waiting.infrastructure_pid), waiting.infrastructure_pid
+        stop_daemon("worker-deploy", state_dir=stack.config.state_dir)
+        stop_daemon("prefect-server", state_dir=stack.config.state_dir)
+        up(stack.config)  # the operator brings both back
+        assert client.read_flow_run(created.id).state_name == "Suspended"
+        _answer(client, waiting, form("carol", dev.digest))
+        done = wait_final(client, created.id)
+    assert done.state_name == "Completed", f"{done.state.message if done.state else ''}\n{stack.worker_logs()}"
+    counts = _once_per_run(stack, done)
+    # Everything before the wait happened exactly once; the run came back once.
+    for event in ("promotion.started", "requester.established", "change.listed",
+                  "approval.requested", "verification.passed:before-approval",
+                  "approval.accepted", "promotion.completed"):
+        assert counts.get(event) == 1, (event, counts)
+    assert counts.get("promotion.resumed") == 1, counts
+
+
+def test_an_approval_given_while_the_worker_is_down_is_honoured(
+    stack: Stack, dev: DevPromotion,
+) -> None:
+    with get_client(sync_client=True) as client:
+        created = _trigger(client, "promote-staging/staging", f"{stack.app}-worker-down",
+                           app=stack.app, image=dev.image, requested_by="dave",
+                           requester_code=code("dave"))
+        waiting = _suspended(client, created.id)
+        stop_daemon("worker-deploy", state_dir=stack.config.state_dir)
+        try:
+            _answer(client, waiting, form("carol", dev.digest))
+            # The answer is kept by the server; the run waits for a worker to come back.
+            assert client.read_flow_run(created.id).state_type.value == "SCHEDULED"  # type: ignore[union-attr]
+        finally:
+            up(stack.config)
+        done = wait_final(client, created.id)
+    assert done.state_name == "Completed", f"{done.state.message if done.state else ''}\n{stack.worker_logs()}"
+    assert [r.actor for r in stack.records("approval.accepted", "staging")
+            if r.run_id == str(done.id)] == ["carol"]
+
+
+def test_a_wait_that_times_out_while_nothing_runs_deploys_nothing(
+    stack: Stack, dev: DevPromotion,
+) -> None:
+    policy = stack.config.state_dir / "policies" / "staging.toml"
+    shipped = policy.read_text()
+    policy.write_text(shipped.replace('timeout = "PT5M"', 'timeout = "PT15S"'))
+    try:
+        with get_client(sync_client=True) as client:
+            created = _trigger(client, "promote-staging/staging", f"{stack.app}-timeout",
+                               app=stack.app, image=dev.image, requested_by="erin",
+                               requester_code=code("erin"))
+            _suspended(client, created.id)
+            stop_daemon("worker-deploy", state_dir=stack.config.state_dir)
+            try:
+                done = wait_final(client, created.id, timeout=120)  # the server expires the wait
+            finally:
+                up(stack.config)
+    finally:
+        policy.write_text(shipped)
+    assert done.state_name == "Failed"
+    assert not [r for r in stack.records("promotion.completed", "staging") if r.run_id == str(done.id)]
 
 
 def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:

@@ -66,6 +66,7 @@ from portcullis.sides import Side
 from portcullis.state import State, open_state_url
 from tasks.deploy import LABEL_APP
 from tests.support.approval_driver import Resumer
+from tests.support.codes import Codes
 from tests.support.production import (
     FINAL,
     deploy_all,
@@ -132,18 +133,8 @@ def _app_repo(path: Path) -> None:
         subprocess.run(["git", "-C", str(path), *argv], check=True, env=env, capture_output=True)
 
 
-_LAST_STEP: dict[str, int] = {}
-
-
-def code(name: str) -> str:
-    """A code of ``name`` that no earlier use in this module burned: a code counts once, and
-    the deploy side accepts the next 30 s step too, so a person may act twice in one step."""
-    step = int(time.time() // 30)
-    use = max(step, _LAST_STEP.get(name, step - 1) + 1)
-    if use > step + 1:  # a third use within 30 s: wait for the next step (rare)
-        time.sleep((use - 1) * 30 - time.time() + 0.1)
-    _LAST_STEP[name] = use
-    return pyotp.TOTP(SECRETS[name]).at(use * 30)
+#: An unused code of a person's for each call (codes are burned once used).
+code = Codes(SECRETS)
 
 
 def form(name: str, digest: str) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from blocks.credentials import DeployCredentials
 from infra.haproxy import Router
 from portcullis.approval import (
     ApprovalOutcome,
-    ApprovalSettings,
     ApprovalSubject,
     Requester,
     RequesterProof,
+    configured_directory,
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
@@ -243,7 +243,7 @@ def establish_requester(
     must_verify = policy.approval is not None
     directory = replay = None
     if must_verify or requester_code.strip():
-        directory = ApprovalSettings().load_directory()
+        directory = configured_directory()
         replay = replay_store_for(audit.log)
     try:
         requester = requester_for_current_run(requested_by, requester_code, directory=directory,
@@ -322,7 +322,7 @@ def deploy_side(
     if policy.approval is not None:
         freeze("before-approval")
         outcome: ApprovalOutcome = request_approvals(
-            subject(), policy.approval, ApprovalSettings().load_directory(), BoardPublishingLog(audit.log),
+            subject(), policy.approval, configured_directory(), BoardPublishingLog(audit.log),
             freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
@@ -396,7 +396,7 @@ def _canary(
         analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
         return decide_inconclusive_canary(
             subject(), canary_decision_policy(environment, policy.approval, timedelta(hours=1)),
-            ApprovalSettings().load_directory(), BoardPublishingLog(audit.log), analysis,
+            configured_directory(), BoardPublishingLog(audit.log), analysis,
             poll_interval=int(settings.approval_poll_seconds),
         )
 

@@ -102,7 +102,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     from pydantic import ValidationError
 
     from blocks.credentials import DeployCredentials
-    from portcullis.approval import ApprovalSettings, ApproverDirectory
+    from portcullis.approval import ApproverDirectory, configured_directory
     from portcullis.catalog import catalog_freeze
     from portcullis.errors import ConfigurationError
     from portcullis.models import ImageRef
@@ -119,7 +119,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     creds = DeployCredentials.resolve(None)
     directory: ApproverDirectory | None
     try:
-        directory = ApprovalSettings().load_directory()
+        directory = configured_directory()
     except (ConfigurationError, ValidationError):
         directory = None  # the plan says that approvals cannot be shown eligible
     with creds.registry_client() as client:

@@ -236,6 +236,23 @@ class ApprovalSettings(BaseSettings):
         return ApproverDirectory.load(self.approvers_file)
 
 
+def configured_directory() -> ApproverDirectory:
+    """The deploy side's approver directory (``PORTCULLIS_APPROVERS_FILE``).
+
+    Raises:
+        ConfigurationError: none is configured, or the file is refused (see
+            :meth:`ApproverDirectory.load`).
+    """
+    try:
+        settings = ApprovalSettings()
+    except ValidationError:
+        raise ConfigurationError(
+            "a person must decide, but no approver directory is configured on this deploy side",
+            hint="set PORTCULLIS_APPROVERS_FILE to the deploy-side approvers file",
+        ) from None
+    return settings.load_directory()
+
+
 class ApprovalPolicy(Frozen):
     """The approval rules of one environment. Loaded from deploy-side config, never parameters."""
 
@@ -948,6 +965,7 @@ __all__ = [
     "ScanComparison",
     "SubmitResult",
     "Verdict",
+    "configured_directory",
     "identity_forms",
     "md_text",
     "render_approval_request",

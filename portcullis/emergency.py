@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from portcullis.approval import (
-    ApprovalSettings,
+    configured_directory,
     verify_requester,
 )
 from portcullis.audit import AuditEntry
@@ -34,7 +34,7 @@ def reauthorise_ticket(
     policy = load_policy("prod", settings.policy_dir)
     if policy.emergency_approval is None:
         raise PolicyRefusal("prod has no emergency path in its policy")
-    directory = ApprovalSettings().load_directory()
+    directory = configured_directory()
     state = open_state(settings)
     audit = state.audit_log()
     person = verify_requester(directory, approver, code, at, state.replay)

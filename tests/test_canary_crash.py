@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import pytest
 
 from blocks.credentials import BuildCredentials, DeployCredentials
@@ -129,9 +130,19 @@ def _stable_failures(router: Router, app: str) -> int:
     raise AssertionError("no stable server in HAProxy's stats")
 
 
+def _listed(client: docker.DockerClient, **kwargs: Any) -> list[Any]:
+    """``containers.list`` that tolerates a container removed between the listing and its
+    inspection (the watcher removes canaries while the test looks)."""
+    while True:
+        try:
+            return list(client.containers.list(**kwargs))
+        except docker.errors.NotFound:
+            continue
+
+
 def _containers_of(client: docker.DockerClient, app: str, digest: str) -> list[Any]:
-    return list(client.containers.list(all=True, filters={
-        "label": [f"{LABEL_APP}={app}", f"{LABEL_DIGEST}={digest}"]}))
+    return _listed(client, all=True, filters={
+        "label": [f"{LABEL_APP}={app}", f"{LABEL_DIGEST}={digest}"]})
 
 
 def _rollout(build: BuildResult, app: str, creds: DeployCredentials, traffic: Traffic,
@@ -321,7 +332,7 @@ def test_a_watcher_killed_with_the_run_finishes_the_job_when_restarted(
     _wait(lambda: _weights(router, app_name) == (100, 0), 4 * WINDOW, "100% on stable")
     _wait(lambda: not _containers_of(docker_client, app_name, v2.image.digest), 4 * WINDOW,
           "the canary container removed")
-    live = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+    live = _listed(docker_client, filters={"label": f"{LABEL_APP}={app_name}"})
     assert [c.labels[LABEL_DIGEST] for c in live] == [stable.image.digest]
 
 
@@ -364,7 +375,7 @@ def test_prometheus_unreachable_never_promotes(
     assert "canary.promoted" not in events.names()
     assert _weights(Router(traffic.router_dir), app_name) == (100, 0)
     assert not _containers_of(docker_client, app_name, v2.image.digest)
-    live = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+    live = _listed(docker_client, filters={"label": f"{LABEL_APP}={app_name}"})
     assert [c.labels[LABEL_DIGEST] for c in live] == [stable.image.digest]
 
 

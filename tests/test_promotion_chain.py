@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from flows.promote import PromotionResult, promote
-from portcullis.audit import AuditEntry, AuditLog
+from portcullis.audit import AuditEntry
 from portcullis.errors import PolicyRefusal
+from portcullis.settings import Settings
+from portcullis.state import open_state
 from tests.conftest import REPO_ROOT, AppRepo, PipelineEnv
 from tests.support.approval_driver import Resumer
 from tests.test_gated_promotions import code, form
@@ -62,13 +64,13 @@ def test_a_forged_log_line_gets_nothing_into_prod_and_real_promotions_are_signed
     assert "evidence provenance:" in shown.stdout and "evidence scan:" in shown.stdout
     assert "[attestation sha256:" in shown.stdout  # which attestation was verified
 
-    # The attack: a promotion.completed line for staging, appended by the log's own writer so
-    # the hash chain and the anchor agree with it.
-    log_path = pipeline_env.home / "audit" / "audit.jsonl"
-    AuditLog(log_path).append(AuditEntry(
+    # The attack: a promotion.completed record for staging, appended by a writer of the audit
+    # trail itself (a direct insert), so the hash chain agrees with it.
+    trail = open_state(Settings(home=pipeline_env.home)).audit_log()
+    trail.append(AuditEntry(
         event="promotion.completed", actor="portcullis", run_id="forged", app=app_name,
         environment="staging", digest=dev.image.digest, details={"image": image}))
-    audit_ok = _cli("portcullis.audit", "verify", str(log_path))
+    audit_ok = _cli("portcullis.audit", "verify")  # the configured store
     assert audit_ok.returncode == 0, audit_ok.stdout + audit_ok.stderr
     with pytest.raises(PolicyRefusal, match=f"{dev.image.digest} never passed staging"):
         _promote(app_name, "prod", image=image)
@@ -91,7 +93,7 @@ def test_a_forged_log_line_gets_nothing_into_prod_and_real_promotions_are_signed
     assert "time step" in shown.stdout  # how each approver's identity was verified
 
     # The audit trail names each signed record; the chain check names the one it trusted.
-    records = AuditLog(log_path).records()
+    records = trail.records()
     completed = [r for r in records if r.event == "promotion.completed" and r.run_id != "forged"]
     assert [r.environment for r in completed] == ["dev", "staging", "prod"]
     assert all(str(r.details["promotion_record"]).endswith(".att") for r in completed)

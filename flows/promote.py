@@ -210,7 +210,9 @@ def build_with_evidence(
                  base_image=build.base_image, forced=force_rebuild)
 
     started = time.monotonic()
-    work = settings.scratch / build.image.digest.removeprefix("sha256:")[:16]
+    # Per run: builds are reproducible, so two runs of one commit share a digest and must not
+    # write the same archive and SBOM at the same time.
+    work = settings.scratch / f"{build.image.digest.removeprefix('sha256:')[:16]}-{audit.run_id[:8]}"
     sbom_path = work / "sbom.cdx.json"
     signed = sign_image_and_provenance.submit(build, block, flow_run.get_flow_run_ui_url())
     archive = export_image_archive.submit(build, work, block)

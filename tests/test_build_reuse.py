@@ -23,8 +23,10 @@ from prefect.client.orchestration import get_client
 from flows.deployed import promote_staging
 from flows.promote import promote
 from infra.production import ENTRYPOINTS, POOLS
-from portcullis.audit import AuditLog, AuditRecord
+from portcullis.audit import AuditRecord
+from portcullis.settings import Settings
 from portcullis.sides import WORKER_CONFIG_VAR, WorkerConfig
+from portcullis.state import open_state
 from tasks.deploy import LABEL_APP
 from tests.conftest import REPO_ROOT, AppRepo, PipelineEnv, without_canary
 
@@ -37,7 +39,8 @@ def _promote(repo: AppRepo, app: str, **kw: Any) -> Any:
 
 
 def _records(env: PipelineEnv, event: str) -> list[AuditRecord]:
-    return [r for r in AuditLog(env.home / "audit" / "audit.jsonl").records() if r.event == event]
+    trail = open_state(Settings(home=env.home)).audit_log()
+    return [r for r in trail.records() if r.event == event]
 
 
 def _containers(client: docker.DockerClient, app: str) -> list[str]:

@@ -48,7 +48,8 @@ def promote_catalog(commit: str = "HEAD", ref: str = "main", requested_by: str =
             result = promote.with_options(flow_run_name=f"{app.name}-dev")(
                 app=app.name, environment="dev", source_repo=app.source_repo(catalog.base), commit=commit,
                 ref=ref, context_path=app.context, requested_by=requested_by)
-            outcome[app.name] = f"promoted {result.image}"
+            outcome[app.name] = (f"promoted {result.image}" if result is not None
+                                 else "nothing new: the digest of this commit already runs")
         except PortcullisError as exc:
             outcome[app.name] = f"refused: {exc}"
         print(f"{app.name}: {outcome[app.name]}")

@@ -35,17 +35,20 @@ from flows.promote import (
     Emergency,
     PromotionResult,
     build_with_evidence,
+    deploy_built,
     deploy_side,
     emergency_policy,
     establish_requester,
     promoted_image,
     refusals_recorded,
+    skipped_markdown,
     start_run,
 )
 from portcullis.approval import RequesterProof
-from portcullis.chain import newest_passed
+from portcullis.chain import newest_passed, running_in
 from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.incidents import Incident, check_emergency_ticket
+from portcullis.models import ReusedBuild
 from portcullis.policy import load_policy
 from portcullis.reviews import REPORT_ARTIFACT_KEY, render_report
 from portcullis.settings import Settings
@@ -72,6 +75,15 @@ def _held_by_pin(app: str, environment: str, settings: Settings, audit: RunAudit
     return True
 
 
+def _skipped(app: str, environment: str, audit: RunAudit, reason: str) -> None:
+    """Record and show that a scheduled run had nothing new to promote."""
+    audit.record("promotion.skipped", reason=reason)
+    create_markdown_artifact(markdown=skipped_markdown(app, environment, reason),
+                             key=f"promotion-{app}-{environment}",
+                             description=f"{app}: nothing new for {environment}")
+    print(f"{app} in {environment}: nothing to promote: {reason}")
+
+
 def _side(expected: Side, app: str | None = None, environment: str | None = None) -> None:
     require_worker_run(expected, run_id=str(flow_run.get_id()), app=app, environment=environment)
 
@@ -79,9 +91,10 @@ def _side(expected: Side, app: str | None = None, environment: str | None = None
 @flow(name="build-release", log_prints=True, persist_result=True)
 def build_release(
     app: str, source_repo: str, commit: str = "HEAD", ref: str = "main",
-    context_path: str = ".", environment: str = "dev",
-) -> BuiltEvidence:
-    """Build side: build one commit and attach signed evidence to its digest.
+    context_path: str = ".", environment: str = "dev", force_rebuild: bool = False,
+) -> BuiltEvidence | ReusedBuild:
+    """Build side: build one commit and attach signed evidence to its digest, unless the
+    commit already has a digest on the current base image (then that digest is returned).
 
     Args:
         app: application name.
@@ -90,9 +103,10 @@ def build_release(
         ref: branch the commit must be on.
         context_path: directory holding the Dockerfile.
         environment: whose scan policy judges the build (the deploy side judges it again).
+        force_rebuild: build even if this commit and base were built before (recorded).
 
     Returns:
-        The digest-pinned build with its scan verdict and timings.
+        The digest-pinned build with its scan verdict and timings, or the earlier build reused.
     """
     _side("build", app, environment)
     settings = Settings()
@@ -100,21 +114,23 @@ def build_release(
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
     with refusals_recorded(audit):
         return build_with_evidence(app, source_repo, commit, ref, context_path, policy,
-                                   settings, audit, None)
+                                   settings, audit, None, force_rebuild)
 
 
-def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, context_path: str) -> BuiltEvidence:
+def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, context_path: str,
+                         force_rebuild: bool) -> BuiltEvidence | ReusedBuild:
     run = run_deployment(
         BUILD_DEPLOYMENT, timeout=1800, poll_interval=BUILD_POLL_SECONDS, as_subflow=True,
         parameters={"app": app, "source_repo": source_repo, "commit": commit, "ref": ref,
-                    "context_path": context_path, "environment": "dev"},
+                    "context_path": context_path, "environment": "dev",
+                    "force_rebuild": force_rebuild},
     )
     state = run.state  # type: ignore[union-attr]
     if state is None or not state.is_completed():
         message = state.message if state else "no state"
         raise PolicyRefusal(f"the build on the build pool did not complete: {message}")
     result = state.result()
-    if not isinstance(result, BuiltEvidence):
+    if not isinstance(result, BuiltEvidence | ReusedBuild):
         raise TransientError(f"the build run returned {type(result).__name__}, not a build")
     return result
 
@@ -123,9 +139,12 @@ def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, cont
 def promote_dev(
     app: str = "hello", source_repo: str = ".", commit: str = "HEAD", ref: str = "main",
     context_path: str = "examples/hello", requested_by: str = "scheduler",
-    requester_code: str = "",
+    requester_code: str = "", force_rebuild: bool = False,
 ) -> PromotionResult | None:
     """Deploy side: build on the build pool, then gate and deploy to dev.
+
+    A commit that already has a digest on the current base image is not built again; when
+    that digest already runs in dev, it is verified again and nothing is redeployed.
 
     Args:
         app: application name.
@@ -136,21 +155,29 @@ def promote_dev(
         requested_by: who triggered it (their directory id); they can never approve it. A
             run the server's scheduler created is the scheduler's, whatever this says.
         requester_code: their current code, proving ``requested_by``.
+        force_rebuild: build even if this commit and base were built before, e.g. for a
+            patched base image (recorded).
 
     Returns:
-        The promotion's result, or None when a rollback pin held the environment.
+        The promotion's result, or None when a rollback pin held the environment or the
+        commit's digest already runs in dev.
     """
     _side("deploy", app, "dev")
-    settings, policy, audit = start_run(app, "dev", requested_by, commit=commit)
+    settings, policy, audit = start_run(app, "dev", requested_by, commit=commit,
+                                        force_rebuild=force_rebuild)
     with refusals_recorded(audit):
         requester = establish_requester(policy, requested_by, requester_code, audit)
         if _held_by_pin(app, "dev", settings, audit):
             return None
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
-        built = _build_on_build_pool(app, source_repo, commit, ref, context_path)
-        audit.record("build.received", image=str(built.build.image), scan=built.scan.summary)
-        return deploy_side(app, "dev", built.build.image, built, requester, None,
-                           settings, policy, audit)
+        built = _build_on_build_pool(app, source_repo, commit, ref, context_path, force_rebuild)
+        if isinstance(built, ReusedBuild):
+            audit.record("build.reused", image=str(built.image), build_record=built.record_seq,
+                         base_image=built.base_image, reason="the build side found this commit "
+                         "built before on the same base")
+        else:
+            audit.record("build.received", image=str(built.build.image), scan=built.scan.summary)
+        return deploy_built(app, "dev", built, requester, None, settings, policy, audit)
 
 
 def _promote_passed(app: str, environment: str, image: str | None, requested_by: str,
@@ -174,13 +201,15 @@ def _promote_passed(app: str, environment: str, image: str | None, requested_by:
             # A schedule fired: take the newest digest that passed the environment before.
             newest = newest_passed(audit.log, app, policy.promote_from or "")
             if newest is None or newest.digest is None:
-                audit.record("promotion.skipped", reason=f"nothing of {app} has passed {policy.promote_from}")
-                print(f"nothing of {app} has passed {policy.promote_from} yet; nothing to promote")
+                _skipped(app, environment, audit, f"nothing of {app} has passed {policy.promote_from} yet")
                 return None
-            current = newest_passed(audit.log, app, environment)
+            # What runs now, rollbacks included: not merely the last digest promoted there.
+            current = running_in(audit.log, app, environment)
             if current is not None and current.digest == newest.digest:
-                audit.record("promotion.skipped", reason=f"{newest.digest} already runs in {environment}")
-                print(f"{newest.digest} already runs in {environment}")
+                _skipped(app, environment, audit,
+                         f"{newest.digest}, the newest digest that passed "
+                                f"{policy.promote_from} (audit record {newest.seq}), already runs in "
+                         f"{environment} (audit record {current.seq})")
                 return None
             image = str(newest.details.get("image") or "")
             if not image:

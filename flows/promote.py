@@ -14,7 +14,7 @@ decision goes to the hash-chained audit log.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field, JsonValue
 
-from blocks.credentials import DeployCredentials
+from blocks.credentials import BuildCredentials, DeployCredentials
 from infra.haproxy import Router
 from portcullis.approval import (
     ApprovalOutcome,
@@ -32,15 +32,16 @@ from portcullis.approval import (
     Requester,
     RequesterProof,
     configured_directory,
+    render_what_changed,
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.catalog import catalog_freeze
-from portcullis.chain import newest_passed
-from portcullis.change import Change, change_between, local_repository
+from portcullis.chain import running_in
+from portcullis.change import WhatChanged, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.gitops import GitOpsCommit
-from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
+from portcullis.models import BuildResult, Deployment, Frozen, ImageRef, ReusedBuild
 from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict, Severity
 from portcullis.settings import Settings
@@ -54,7 +55,7 @@ from tasks.approval import (
     subject_for_current_run,
 )
 from tasks.board import BoardPublishingLog, publish_board
-from tasks.build import build_image
+from tasks.build import build_image, find_reusable_build
 from tasks.canary import CanaryReport, rollout, traffic_lease_seconds
 from tasks.deploy import deploy
 from tasks.gates import (
@@ -72,6 +73,7 @@ from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
     attest_scan,
+    compare_with_running,
     export_image_archive,
     sign_image_and_provenance,
     verify_evidence,
@@ -117,6 +119,8 @@ class PromotionResult(Frozen):
     gitops: GitOpsCommit | None = Field(default=None, description="the overlay commit, for GitOps targets")
     canary: CanaryReport | None = None
     policy_sha256: str
+    reused: ReusedBuild | None = Field(default=None, description="set when no new build was needed")
+    change: WhatChanged | None = Field(default=None, description="what changed since the running version")
 
 
 def summary_markdown(result: PromotionResult) -> str:
@@ -143,22 +147,76 @@ def summary_markdown(result: PromotionResult) -> str:
         t = result.built.timings
         rows.insert(4, ("scan", result.built.scan.summary))
         rows.append(("supply chain", f"{t.wall_seconds:.2f}s wall vs {t.tools_sum:.2f}s of tool time"))
+    if result.reused is not None:
+        rows.insert(4, ("build", _reused_text(result.reused)))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# Promoted {result.app} to {result.environment}\n\n| | |\n|---|---|\n{table}\n"
+    change = "\n".join(render_what_changed(result.change)) + "\n" if result.change else ""
+    return f"# Promoted {result.app} to {result.environment}\n\n| | |\n|---|---|\n{table}\n\n{change}"
+
+
+def _reused_text(reused: ReusedBuild) -> str:
+    return (f"reused, not rebuilt: commit `{reused.commit[:12]}` on base `{reused.base_image}` was "
+            f"built as this digest at {reused.built_at.isoformat()} (audit record {reused.record_seq})")
+
+
+def skipped_markdown(app: str, environment: str, reason: str, *, image: ImageRef | None = None,
+                     checks: Sequence[CheckResult] = (), reused: ReusedBuild | None = None) -> str:
+    """The artifact of a run that had nothing new to do: why, and what was re-verified."""
+    rows = [("app", app), ("environment", environment), ("skipped because", reason)]
+    if image is not None:
+        rows.append(("image", f"`{image}`"))
+    if reused is not None:
+        rows.append(("build", _reused_text(reused)))
+    rows += [(f"re-verified: {c.check}", c.detail) for c in checks]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# Nothing to promote: {app} in {environment}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def reuse_or_force(
+    app: str, source_repo: str, commit: str, ref: str, context_path: str, audit: RunAudit,
+    block: str | None, force_rebuild: bool,
+) -> ReusedBuild | None:
+    """The digest this commit already has on the current base (recorded as ``build.reused``),
+    or None when it must be built; ``force_rebuild`` always builds, and says so."""
+    if force_rebuild:
+        audit.record("build.forced", reason="force_rebuild: built even if this commit and base "
+                     "were built before (e.g. for a patched base image)")
+        return None
+    reused = find_reusable_build(app, source_repo, commit, ref, context_path, audit.log,
+                                 BuildCredentials.resolve(block))
+    if reused is not None:
+        audit.digest, audit.commit = reused.image.digest, reused.commit
+        audit.record("build.reused", image=str(reused.image), base_image=reused.base_image,
+                     build_record=reused.record_seq,
+                     reason=f"commit {reused.commit[:12]} on base {reused.base_image} was built "
+                     f"before as this digest (audit record {reused.record_seq}); the build is "
+                     "reproducible, so building again would give the same digest")
+    return reused
 
 
 def build_with_evidence(
     app: str, source_repo: str, commit: str, ref: str, context_path: str,
     policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, block: str | None,
-) -> BuiltEvidence:
-    """Build, then sign + provenance in parallel with SBOM -> scan; attest everything."""
+    force_rebuild: bool = False,
+) -> BuiltEvidence | ReusedBuild:
+    """Build, then sign + provenance in parallel with SBOM -> scan; attest everything.
+
+    A commit already built on the current base image is not built again: its digest comes
+    back as a :class:`ReusedBuild` (unless ``force_rebuild``).
+    """
+    reused = reuse_or_force(app, source_repo, commit, ref, context_path, audit, block, force_rebuild)
+    if reused is not None:
+        return reused
     build = build_image(app, source_repo, commit, ref, context_path, block)
     audit.digest, audit.commit = build.image.digest, build.source.commit
     audit.record("build.completed", image=str(build.image), ref=build.source.ref,
-                 author=build.source.author, source=build.source.repo_url)
+                 author=build.source.author, source=build.source.repo_url,
+                 base_image=build.base_image, forced=force_rebuild)
 
     started = time.monotonic()
-    work = settings.scratch / build.image.digest.removeprefix("sha256:")[:16]
+    # Per run: builds are reproducible, so two runs of one commit share a digest and must not
+    # write the same archive and SBOM at the same time.
+    work = settings.scratch / f"{build.image.digest.removeprefix('sha256:')[:16]}-{audit.run_id[:8]}"
     sbom_path = work / "sbom.cdx.json"
     signed = sign_image_and_provenance.submit(build, block, flow_run.get_flow_run_ui_url())
     archive = export_image_archive.submit(build, work, block)
@@ -256,17 +314,67 @@ def establish_requester(
     return requester
 
 
-def _change(app: str, environment: str, provenance: dict[str, str], settings: Settings,
-            audit: RunAudit) -> Change:
-    """The commits this promotion brings into the environment, and who wrote them."""
-    if (earlier := audit.earlier("change.listed")) is not None:
-        return Change.model_validate({**earlier.details, "commit": provenance["commit"]})
-    running = newest_passed(audit.log, app, environment)
-    repo = local_repository(provenance["repository"], settings.home / "sources")
-    change = change_between(repo, provenance["commit"], running.commit if running else None)
-    audit.record("change.listed", base=change.base, commits=change.commits,
-                 authors=list(change.authors))
-    return change
+def _what_changed(app: str, environment: str, image: ImageRef, provenance: dict[str, str],
+                  settings: Settings, audit: RunAudit, creds: DeployCredentials,
+                  *, required: bool) -> WhatChanged:
+    """What this promotion changes against the version running in the environment: the
+    commits and who wrote them, the base image, the scan findings that appear or disappear.
+
+    With ``required`` (a person approves), unreadable commits refuse the promotion: the
+    approvers' own commits could hide in them. Otherwise they are shown as unknown.
+    """
+    # A run resumed after a wait has listed its change already; it shows it again unchanged.
+    listed_before = audit.earlier("change.listed") is not None
+    running = running_in(audit.log, app, environment)
+    running_image = (image.model_copy(update={"digest": running.digest})
+                     if running is not None and running.digest else None)
+    what = compare_with_running(image, running_image, creds)
+    try:
+        repo = local_repository(provenance["repository"], settings.home / "sources")
+        change = change_between(repo, provenance["commit"], running.commit if running else None)
+    except PolicyRefusal as exc:
+        if required:
+            raise
+        audit.record("change.unknown", reason=str(exc))
+        return what.model_copy(update={"change_problem": str(exc)})
+    if not listed_before:
+        audit.record("change.listed", base=change.base, commits=change.commits,
+                     authors=list(change.authors), running=what.running_digest,
+                     base_before=what.base_before, base_after=what.base_after,
+                     findings_new=[f.vulnerability_id for f in what.findings_new],
+                     findings_gone=[f.vulnerability_id for f in what.findings_gone])
+    return what.model_copy(update={"change": change})
+
+
+def deploy_built(
+    app: str, environment: str, built: BuiltEvidence | ReusedBuild, requester: Requester,
+    deploy_block: str | None, settings: Settings, policy: EnvironmentPolicy, audit: RunAudit,
+) -> PromotionResult | None:
+    """Deploy side after a build or a reuse. A digest that already runs in the environment
+    (a reused build, or a forced rebuild that reproduced it) is verified again and not
+    redeployed: nothing new, nothing done (None)."""
+    fresh: BuiltEvidence | None = None
+    reused: ReusedBuild | None = None
+    if isinstance(built, BuiltEvidence):
+        fresh, image, commit = built, built.build.image, built.build.source.commit
+    else:
+        reused, image, commit = built, built.image, built.commit
+    audit.digest, audit.commit = image.digest, commit
+    running = running_in(audit.log, app, environment)
+    if running is None or running.digest != image.digest:
+        return deploy_side(app, environment, image, fresh, requester, deploy_block,
+                           settings, policy, audit, reused=reused)
+    checks = _verify(image, policy, audit, deploy_block, "already-running")
+    how = "reused" if reused is not None else "rebuilt (forced) to the same digest"
+    reason = (f"{image.digest} (commit {commit[:12]}, {how}) already runs in {environment} "
+              f"(audit record {running.seq}); nothing new to deploy")
+    audit.record("promotion.skipped", reason=reason)
+    create_markdown_artifact(
+        markdown=skipped_markdown(app, environment, reason, image=image, checks=checks,
+                                  reused=reused),
+        key=f"promotion-{app}-{environment}", description=f"{app}: nothing new for {environment}")
+    print(f"{app}: {reason}")
+    return None
 
 
 def deploy_side(
@@ -282,12 +390,14 @@ def deploy_side(
     *,
     emergency: Emergency | None = None,
     before_traffic: Callable[[], None] | None = None,
+    reused: ReusedBuild | None = None,
 ) -> PromotionResult:
     """Everything after the build, on the deploy side: verify, freeze, approve, lock, deploy.
 
     Loads only deploy credentials. With ``emergency`` the freeze windows are recorded as
     bypassed instead of enforced; every other gate runs. ``before_traffic`` is a last gate
     run under the lock right before anything changes (the emergency path re-reads its ticket).
+    ``reused`` names the earlier build whose digest this is, for the summary.
     """
     audit.digest = image.digest
     deploy_creds = DeployCredentials.resolve(deploy_block)
@@ -305,16 +415,22 @@ def deploy_side(
     provenance = next(c.facts for c in checks if c.check == "provenance")
     audit.commit = provenance["commit"]
 
+    # Listed before anyone is asked and before traffic moves: it is compared with what runs now.
+    what = _what_changed(app, environment, image, provenance, settings, audit, deploy_creds,
+                         required=policy.approval is not None)
     subject_cache: list[ApprovalSubject] = []
 
     def subject() -> ApprovalSubject:
-        # Built once, when a person is first asked: listing the change reads the source history.
         if not subject_cache:
-            change = _change(app, environment, provenance, settings, audit)
+            if what.change is None:
+                # Only without an approval rule can the change be unknown; a person asked to
+                # decide an Inconclusive canary must still not have authored any of it.
+                raise PolicyRefusal(f"the change cannot be listed, so no person can be asked to "
+                                    f"decide on it: {what.change_problem}")
             subject_cache.append(subject_for_current_run(
                 app=app, environment=environment, digest=image.digest,
                 commit=provenance["commit"], author=provenance["author"], requester=requester,
-                change_authors=change.authors,
+                change_authors=what.change.authors,
             ))
         return subject_cache[0]
 
@@ -323,7 +439,8 @@ def deploy_side(
         freeze("before-approval")
         outcome: ApprovalOutcome = request_approvals(
             subject(), policy.approval, configured_directory(), BoardPublishingLog(audit.log),
-            freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
+            freeze=None if emergency else frozen, change=what,
+            poll_interval=int(settings.approval_poll_seconds),
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
 
@@ -358,7 +475,7 @@ def deploy_side(
         app=app, environment=environment, image=image, commit=provenance["commit"],
         built=built, verification=tuple(checks), approved_by=approved_by,
         deployment=deployment, gitops=gitops, canary=canary_report,
-        policy_sha256=policy.policy_sha256,
+        policy_sha256=policy.policy_sha256, reused=reused, change=what,
     )
     create_markdown_artifact(
         markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
@@ -467,7 +584,8 @@ def promote(
     requester_code: str = "",
     build_credentials_block: str | None = None,
     deploy_credentials_block: str | None = None,
-) -> PromotionResult:
+    force_rebuild: bool = False,
+) -> PromotionResult | None:
     """Promote ``app`` to ``environment`` through every gate, both sides in this process.
 
     This is the local stack's flow (one machine holds both credential sets). The deployments
@@ -488,23 +606,26 @@ def promote(
             person must approve).
         build_credentials_block: saved build credentials; None reads PORTCULLIS_BUILD_*.
         deploy_credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
+        force_rebuild: build even when this commit already has a digest on the current base
+            image (recorded in the audit trail).
 
     Returns:
-        What was built or promoted, what was verified, who approved, where it runs.
+        What was built or promoted, what was verified, who approved, where it runs; None
+        when the commit's digest already runs in the environment (nothing new to do).
     """
     settings, policy, audit = start_run(app, environment, requested_by, image=image,
-                                        commit=commit if image is None else None)
+                                        commit=commit if image is None else None,
+                                        force_rebuild=force_rebuild)
     with refusals_recorded(audit):
         requester = establish_requester(policy, requested_by, requester_code, audit)
         freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(deploy_credentials_block)), audit)
-        built: BuiltEvidence | None = None
         if policy.promote_from is None:
             if image is not None:
                 raise PolicyRefusal(f"{environment} builds from source; it does not take an image")
             built = build_with_evidence(app, source_repo, commit, ref, context_path, policy,
-                                        settings, audit, build_credentials_block)
-            target = built.build.image
-        else:
-            target = promoted_image(policy, image, audit, deploy_credentials_block)
-        return deploy_side(app, environment, target, built, requester,
+                                        settings, audit, build_credentials_block, force_rebuild)
+            return deploy_built(app, environment, built, requester, deploy_credentials_block,
+                                settings, policy, audit)
+        target = promoted_image(policy, image, audit, deploy_credentials_block)
+        return deploy_side(app, environment, target, None, requester,
                            deploy_credentials_block, settings, policy, audit)

@@ -29,7 +29,13 @@ def _demo(args: argparse.Namespace) -> int:
         app=args.app, environment=args.environment, source_repo=str(repo), commit=args.commit,
         ref=args.ref, context_path=args.context_path, image=args.image,
         requested_by=args.requested_by, requester_code=args.requester_code,
+        force_rebuild=args.force_rebuild,
     )
+    if result is None:
+        # The commit's digest already runs there; the audit trail and the artifact say which.
+        print(f"\n{args.app} in {args.environment}: nothing new (this commit's digest already "
+              "runs there and was verified again); pass --force-rebuild to build anyway")
+        return 0
     deployment = result.deployment
     if deployment is None:
         print(f"\n{args.app} promoted to {args.environment} by GitOps commit {result.gitops}")
@@ -51,6 +57,9 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"          synthetic load through the router: {sent} requests, {failed} failed")
     else:
         print("  canary  none (no canary in this environment's policy, or its first deploy)")
+    if result.reused is not None:
+        print(f"  build   reused: built before from this commit and base (audit record "
+              f"{result.reused.record_seq})")
     if result.built is not None:
         t = result.built.timings
         print(f"  scan    {result.built.scan.summary}")
@@ -246,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--requester-code", default="",
                       help="your current authenticator code, proving --requested-by (needed "
                       "where people approve: staging, prod)")
+    demo.add_argument("--force-rebuild", action="store_true",
+                      help="build even if this commit was built before on the same base image")
     reauth = sub.add_parser(
         "reauthorise-ticket",
         help="let an incident ticket open one more emergency promotion (an on-call approver, verified)")

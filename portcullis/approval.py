@@ -39,9 +39,11 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from portcullis.audit import file_lock, write_atomic
+from portcullis.change import WhatChanged
 from portcullis.errors import ConfigurationError, PolicyRefusal
 from portcullis.freeze import FreezeStatus, plain_utc
 from portcullis.models import CommitSha, Digest, Frozen
+from portcullis.scan import Finding
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _CODE_RE = re.compile(r"^[0-9]{6}$")
@@ -831,15 +833,6 @@ def verify_totp(approver: Approver, code: str, at: datetime) -> int | None:
     return None
 
 
-class ScanComparison(Frozen):
-    """Vulnerability counts of the candidate next to what runs now, for the approval form."""
-
-    candidate: dict[str, int] = Field(description="severity -> count, e.g. {'CRITICAL': 0}")
-    running: dict[str, int] | None = Field(default=None, description="None: nothing runs yet")
-    running_digest: str | None = None
-    verdict: str = Field(default="", description="the scan gate's verdict, e.g. 'passed'")
-
-
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
 
 
@@ -851,7 +844,48 @@ def md_text(value: str, limit: int = 200) -> str:
     return _MD_SPECIAL.sub(r"\\\1", flat)
 
 
-_SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
+def _finding_line(mark: str, f: Finding) -> str:
+    fix = f"fixed in {md_text(f.fixed_version, 60)}" if f.fixed_version else "no fix yet"
+    return (f"- {mark} **{md_text(f.severity.value)}** {md_text(f.vulnerability_id, 60)} in "
+            f"{md_text(f.package, 80)} {md_text(f.installed_version, 60)} ({fix})")
+
+
+def render_what_changed(what: WhatChanged) -> list[str]:
+    """Markdown lines for "what changed since the running version": commits, base image and
+    scan findings that appeared or disappeared. Every value from a commit is escaped."""
+    lines = ["### What changed since the running version", ""]
+    if what.running_digest is None:
+        lines += ["Nothing runs in this environment yet: everything below is new.", ""]
+    else:
+        lines += [f"Running now: `{md_text(what.running_digest, 80)}`", ""]
+    change = what.change
+    if change is None:
+        lines += [f"Commits: unknown ({md_text(what.change_problem or 'not read', 300)})", ""]
+    else:
+        since = f" since `{change.base[:12]}`" if change.base else " (the whole history)"
+        lines += [f"**{change.commits} commit(s)**{since}:", ""]
+        lines += [f"- `{c.id[:12]}` {md_text(c.subject, 120)} — {md_text(c.author, 120)}"
+                  for c in change.entries]
+        if change.commits > len(change.entries):
+            lines.append(f"- … and {change.commits - len(change.entries)} more")
+        lines.append("")
+    if what.running_digest is not None:
+        if what.base_changed:
+            lines += [(f"**Base image changed**: `{md_text(what.base_before or 'unknown', 160)}` → "
+                      f"`{md_text(what.base_after or 'unknown', 160)}`"), ""]
+        else:
+            lines += [f"Base image unchanged (`{md_text(what.base_after or 'unknown', 160)}`).", ""]
+    if not what.scan_compared:
+        lines += ["Scan findings: not compared (a scan result could not be read).", ""]
+    elif not (what.findings_new or what.findings_gone):
+        lines += [f"Scan findings: no change ({what.findings_kept} in both versions).", ""]
+    else:
+        lines += [(f"Scan findings: {len(what.findings_new)} new, {len(what.findings_gone)} gone, "
+                  f"{what.findings_kept} unchanged."), ""]
+        lines += [_finding_line("🆕 new", f) for f in what.findings_new]
+        lines += [_finding_line("✔ gone", f) for f in what.findings_gone]
+        lines.append("")
+    return lines
 
 
 def render_approval_request(
@@ -859,7 +893,7 @@ def render_approval_request(
     at: datetime,
     *,
     freeze: FreezeStatus | None = None,
-    scan: ScanComparison | None = None,
+    change: WhatChanged | None = None,
     notice: str | None = None,
 ) -> str:
     """The Markdown shown above the approval form.
@@ -868,7 +902,7 @@ def render_approval_request(
         ledger: the request (subject, policy and approvals so far).
         at: now, for the time left.
         freeze: the freeze status checked before asking.
-        scan: scan counts of the candidate and of what runs now.
+        change: what changed since the version running in the environment.
         notice: the outcome of the previous submission (e.g. why it was refused).
 
     Returns:
@@ -892,19 +926,8 @@ def render_approval_request(
         f"| Flow run | `{s.run_id}` |",
         "",
     ]
-    if scan is not None:
-        keys = [k for k in _SEVERITIES if k in scan.candidate or (scan.running or {}).get(k)]
-        keys += sorted(set(scan.candidate) - set(_SEVERITIES))
-        running = "what runs now" + (
-            f" (`{md_text(scan.running_digest, 80)}`)" if scan.running_digest else ""
-        )
-        lines += ["### Scan", "", f"| Severity | candidate | {running} |", "|---|---|---|"]
-        for key in keys:
-            now = "–" if scan.running is None else str(scan.running.get(key, 0))
-            lines.append(f"| {md_text(key)} | {scan.candidate.get(key, 0)} | {now} |")
-        if scan.verdict:
-            lines += ["", f"Scan gate: **{md_text(scan.verdict)}**"]
-        lines.append("")
+    if change is not None:
+        lines += render_what_changed(change)
     if freeze is not None:
         lines += ["### Change freeze", "", md_text(freeze.summary(), 600), ""]
         lines += [f"- warning: {md_text(w, 300)}" for w in freeze.warnings]
@@ -962,13 +985,13 @@ __all__ = [
     "ReplayStore",
     "Requester",
     "RequesterProof",
-    "ScanComparison",
     "SubmitResult",
     "Verdict",
     "configured_directory",
     "identity_forms",
     "md_text",
     "render_approval_request",
+    "render_what_changed",
     "replay_store_path",
     "verify_requester",
 ]

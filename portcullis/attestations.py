@@ -32,6 +32,14 @@ def _ts(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
+def _base_dependency(base_image: str | None) -> list[dict[str, Any]]:
+    if base_image is None:
+        return []
+    name, _, digest = base_image.rpartition("@")
+    return [{"uri": f"docker-image://{name}", "name": "base-image",
+             "digest": {"sha256": digest.removeprefix("sha256:")}}]
+
+
 def slsa_provenance(build: BuildResult, *, flow_run_url: str | None = None) -> dict[str, Any]:
     """SLSA v1 provenance predicate: builder, source repo, commit, ref, flow run, times."""
     return {
@@ -50,6 +58,7 @@ def slsa_provenance(build: BuildResult, *, flow_run_url: str | None = None) -> d
             "resolvedDependencies": [
                 {"uri": f"git+{build.source.repo_url}@refs/heads/{build.source.ref}",
                  "digest": {"gitCommit": build.source.commit}},
+                *_base_dependency(build.base_image),
             ],
         },
         "runDetails": {

@@ -338,8 +338,15 @@ class AuditLog(AuditTrail):
             return [AuditRecord.model_validate_json(line) for line in f if line.strip()]
 
     def verify(self) -> VerifyReport:
-        """Verify the chain and the anchor; see :func:`verify_log`."""
-        return verify_log(self.path, self.anchor_path if self.anchor_path.exists() else None)
+        """Verify the chain and the anchor; see :func:`verify_log`.
+
+        Holds the writers' lock: a record another run is appending (line written, anchor not
+        yet) would otherwise look like one appended behind the writer's back.
+        """
+        if not self.path.parent.is_dir():
+            return verify_log(self.path, None)
+        with file_lock(self._lock_path):
+            return verify_log(self.path, self.anchor_path if self.anchor_path.exists() else None)
 
 
 _HASH_MEMBER = b',"hash":"'

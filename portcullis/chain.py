@@ -76,3 +76,37 @@ def newest_passed(log: AuditTrail, app: str, environment: str) -> AuditRecord | 
         if record.event == COMPLETED and record.environment == environment and record.app == app:
             return record
     return None
+
+
+ROLLED_BACK = "rollback.completed"
+BUILT = "build.completed"
+SCAN_VERDICT = "scan.verdict"
+
+
+def running_in(log: AuditTrail, app: str, environment: str) -> AuditRecord | None:
+    """The record of what runs in ``environment`` now: the newest promotion or rollback there."""
+    for record in reversed(_verified_records(log)):
+        if (record.event in (COMPLETED, ROLLED_BACK) and record.environment == environment
+                and record.app == app and record.digest is not None):
+            return record
+    return None
+
+
+def built_before(log: AuditTrail, app: str, commit: str, base_image: str | None) -> AuditRecord | None:
+    """The newest ``build.completed`` record of ``app`` at ``commit`` on ``base_image``.
+
+    A record without a base image (written before builds recorded one) never matches: reusing
+    it could hide a changed base. Neither does a build whose evidence was never completed.
+    """
+    if base_image is None:
+        return None
+    records = _verified_records(log)
+    # Only a build whose run went on to attach its evidence (the scan verdict is recorded
+    # last, after signature, provenance and SBOM) is a candidate.
+    attested = {(r.run_id, r.digest) for r in records if r.event == SCAN_VERDICT}
+    for record in reversed(records):
+        if (record.event == BUILT and record.app == app and record.commit == commit
+                and record.digest is not None and record.details.get("base_image") == base_image
+                and (record.run_id, record.digest) in attested):
+            return record
+    return None

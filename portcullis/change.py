@@ -15,12 +15,24 @@ cannot be shown to be free of the approver's commits.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from pydantic import Field
+
 from portcullis.errors import PolicyRefusal, ToolError
 from portcullis.models import Frozen
+from portcullis.scan import Finding
 from portcullis.toolrun import run_tool
+
+
+class ChangeCommit(Frozen):
+    """One commit of a change, as shown to the people who approve it."""
+
+    id: str = Field(description="full commit id")
+    subject: str = Field(description="first line of the message")
+    author: str = Field(description="'Name <email>'")
 
 
 class Change(Frozen):
@@ -30,6 +42,13 @@ class Change(Frozen):
     commit: str
     commits: int
     authors: tuple[str, ...]
+    entries: tuple[ChangeCommit, ...] = Field(
+        default=(), description="the commits, newest first (at most MAX_LISTED of them)"
+    )
+
+
+#: Commits listed one by one; a longer change is counted, not listed.
+MAX_LISTED = 50
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -68,7 +87,7 @@ def local_repository(repo_url: str, cache_dir: Path) -> Path:
 
 
 def change_between(repo: Path, commit: str, base: str | None) -> Change:
-    """Every author and committer of the commits in ``base..commit``.
+    """Every commit in ``base..commit`` (id, subject, author) and every author and committer.
 
     Args:
         repo: a local git directory (see :func:`local_repository`).
@@ -93,12 +112,56 @@ def change_between(repo: Path, commit: str, base: str | None) -> Change:
             revs = [f"{base}..{commit}"]
         except ToolError:
             pass  # not an ancestor (a rollback, a rewritten branch): nothing narrower is proven
-    log = _git(repo, "log", "--format=%an <%ae>%x00%cn <%ce>", *revs, "--")
+    log = _git(repo, "log", "--format=%H%x00%an <%ae>%x00%cn <%ce>%x00%s", *revs, "--")
     people: set[str] = set()
+    entries: list[ChangeCommit] = []
     count = 0
     for line in log.splitlines():
         if not line:
             continue
         count += 1
-        people.update(p for p in line.split("\x00") if p.strip())
-    return Change(base=base, commit=commit, commits=count, authors=tuple(sorted(people)))
+        sha, author, committer, subject = (line.split("\x00") + ["", "", ""])[:4]
+        people.update(p for p in (author, committer) if p.strip())
+        if len(entries) < MAX_LISTED:
+            entries.append(ChangeCommit(id=sha, subject=subject, author=author))
+    return Change(base=base, commit=commit, commits=count, authors=tuple(sorted(people)),
+                  entries=tuple(entries))
+
+
+def finding_key(finding: Finding) -> tuple[str, str]:
+    """What makes two findings "the same": the vulnerability in the same package."""
+    return finding.vulnerability_id, finding.package
+
+
+class WhatChanged(Frozen):
+    """What a promotion changes compared with the version running in the environment now.
+
+    Shown on the approval form and in the promotion's artifact: the commits, the base image,
+    and the scan findings that appear or disappear.
+    """
+
+    running_digest: str | None = Field(description="what runs now; None when nothing does")
+    change: Change | None = Field(description="the commits; None when they could not be read")
+    change_problem: str | None = Field(default=None, description="why the commits are unknown")
+    base_before: str | None = Field(default=None, description="base image of what runs now")
+    base_after: str | None = Field(default=None, description="base image of the candidate")
+    findings_new: tuple[Finding, ...] = ()
+    findings_gone: tuple[Finding, ...] = ()
+    findings_kept: int = Field(default=0, description="findings in both versions")
+    scan_compared: bool = Field(default=False, description="both scans could be read")
+
+    @property
+    def base_changed(self) -> bool:
+        """Whether the base image differs from the running version's."""
+        return self.running_digest is not None and self.base_before != self.base_after
+
+
+def compare_findings(
+    running: Sequence[Finding], candidate: Sequence[Finding],
+) -> tuple[tuple[Finding, ...], tuple[Finding, ...], int]:
+    """Findings only in ``candidate`` (new), only in ``running`` (gone), and how many are in both."""
+    before = {finding_key(f): f for f in running}
+    after = {finding_key(f): f for f in candidate}
+    new = tuple(after[k] for k in sorted(after.keys() - before.keys()))
+    gone = tuple(before[k] for k in sorted(before.keys() - after.keys()))
+    return new, gone, len(after.keys() & before.keys())

@@ -91,6 +91,9 @@ class BuildResult(Frozen):
     app: str
     image: ImageRef
     source: SourceRef
+    base_image: str | None = Field(
+        default=None, description="the base image as name@<image id>; a new base, a new digest"
+    )
     flow_run_id: str | None = None
     started_at: datetime
     finished_at: datetime
@@ -110,3 +113,18 @@ class Deployment(Frozen):
     )
     commit: CommitSha
     deployed_at: datetime
+
+
+class ReusedBuild(Frozen):
+    """A digest built before from the same commit on the same base, taken instead of a build.
+
+    Builds are reproducible, so building again would give this very digest; its evidence is
+    verified again on the deploy side before it is used.
+    """
+
+    app: str
+    image: ImageRef
+    commit: CommitSha
+    base_image: str = Field(description="the base image (name@id) both builds started from")
+    record_seq: int = Field(ge=0, description="the audit record of the original build")
+    built_at: datetime = Field(description="when the original build was recorded")

@@ -42,7 +42,6 @@ from portcullis.approval import (
     ReplayStore,
     Requester,
     RequesterProof,
-    ScanComparison,
     SubmitResult,
     Verdict,
     md_text,
@@ -50,6 +49,7 @@ from portcullis.approval import (
     verify_requester,
 )
 from portcullis.audit import AuditEntry, AuditRecord, AuditTrail
+from portcullis.change import WhatChanged
 from portcullis.errors import PolicyRefusal
 from portcullis.freeze import FreezeStatus
 from portcullis.state import replay_store_for
@@ -335,7 +335,7 @@ def request_approvals(
     *,
     replay: ReplayStore | None = None,
     freeze: Callable[[datetime], FreezeStatus] | None = None,
-    scan: ScanComparison | None = None,
+    change: WhatChanged | None = None,
     poll_interval: int = 10,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     sleep: Callable[[float], None] = time.sleep,
@@ -350,7 +350,8 @@ def request_approvals(
         replay: burned-code store; defaults to the one that goes with ``audit``.
         freeze: re-evaluates the change freeze; shown on the form and checked again just
             before the approval is granted (a freeze may have started while waiting).
-        scan: scan counts of the candidate and of what runs now, shown on the form.
+        change: what changed since the running version (commits, base image, scan
+            findings), shown on the form.
         poll_interval: seconds between the pause's checks for a resume.
         clock: source of "now".
         sleep: used while the wait timer runs after approvals are complete.
@@ -370,7 +371,7 @@ def request_approvals(
 
     def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
         return render_approval_request(
-            ledger, now, freeze=freeze(now) if freeze else None, scan=scan, notice=notice)
+            ledger, now, freeze=freeze(now) if freeze else None, change=change, notice=notice)
 
     state = _collect(ledger, audit, form=ApprovalForm, render=render,
                      poll_interval=poll_interval, clock=clock, ledger_key="approval",

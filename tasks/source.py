@@ -7,6 +7,7 @@ from pathlib import Path
 
 from portcullis.errors import PolicyRefusal, ToolError
 from portcullis.models import SourceRef
+from portcullis.reproducible import normalise_tar
 from portcullis.toolrun import run_tool
 
 
@@ -64,10 +65,20 @@ def resolve_source(repo: str | Path, commit: str, ref: str, context_path: str = 
     return SourceRef(repo_url=url, commit=sha, ref=ref, author=author, context_path=context_path)
 
 
+def commit_epoch(repo: str | Path, commit: str) -> int:
+    """The commit's committer time in seconds: the build's ``SOURCE_DATE_EPOCH``."""
+    return int(_git(Path(repo).resolve(), "show", "-s", "--format=%ct", commit))
+
+
 def archive_context(repo: str | Path, source: SourceRef) -> bytes:
-    """The build context as a tar of the committed tree: never the working tree."""
+    """The build context as a tar of the committed tree: never the working tree.
+
+    Deterministic for the commit: git stamps a sub-tree's archive (``commit:path``) with the
+    current time, so every mtime is clamped to the commit time and the entries sorted.
+    """
     path = source.context_path.strip("/")
     treeish = source.commit if path in ("", ".") else f"{source.commit}:{path}"
-    return run_tool(
+    archive = run_tool(
         ["git", "-C", str(Path(repo).resolve()), "archive", "--format=tar", treeish], timeout=120
     ).stdout
+    return normalise_tar(archive, commit_epoch(repo, source.commit))

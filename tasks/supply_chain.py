@@ -18,11 +18,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from blocks.credentials import BuildCredentials, DeployCredentials
 from portcullis.attestations import CYCLONEDX_BOM, SCAN_RESULT, SLSA_PROVENANCE_V1, slsa_provenance
-from portcullis.errors import TransientError, VerificationFailed
-from portcullis.evidence import VerifiedEvidence
+from portcullis.change import WhatChanged, compare_findings
+from portcullis.errors import PortcullisError, VerificationFailed
+from portcullis.evidence import EvidenceVerifier, VerifiedEvidence
 from portcullis.models import BuildResult, Frozen, ImageRef
+from portcullis.oci import Descriptor, RegistryClient
 from portcullis.policy import EnvironmentPolicy
-from portcullis.scan import SbomRecord, ScanOutcome, ScanReport, evaluate
+from portcullis.reproducible import OciImage, docker_archive
+from portcullis.scan import Finding, SbomRecord, ScanOutcome, ScanReport, evaluate
 from portcullis.verification import (
     AllOf,
     AttestationCheck,
@@ -31,6 +34,7 @@ from portcullis.verification import (
     SignatureCheck,
     sbom_check,
 )
+from tasks.build import LABEL_BASE_ID, LABEL_BASE_NAME
 from tasks.retry import only_transient
 
 
@@ -86,7 +90,10 @@ def sign_image_and_provenance(
 
 @task(name="export-image", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient)
 def export_image_archive(build: BuildResult, work_dir: Path, credentials_block: str | None = None) -> Path:
-    """Save the built image from the build engine as a ``docker save`` tarball for trivy.
+    """Write the pushed image as a ``docker save`` tarball for trivy.
+
+    Read back from the registry by digest (every blob checked against its digest), so the
+    SBOM and the scan describe exactly what was pushed, and no engine has to hold it.
 
     Args:
         build: the build result; the archive is of exactly its digest.
@@ -97,17 +104,15 @@ def export_image_archive(build: BuildResult, work_dir: Path, credentials_block: 
         The archive path.
     """
     creds = BuildCredentials.resolve(credentials_block)
-    client = creds.docker_client()
-    try:
-        image = client.images.get(str(build.image))
-        work_dir.mkdir(parents=True, exist_ok=True)
-        path = work_dir / f"{build.image.digest.removeprefix('sha256:')[:16]}.tar"
-        with open(path, "wb") as fh:
-            fh.writelines(image.save(named=False))
-    except Exception as exc:  # noqa: BLE001 - the engine's errors are not typed usefully
-        raise TransientError(f"could not export {build.image} from the build engine: {exc}") from None
-    finally:
-        client.close()
+    repository = build.image.repository
+    with creds.registry_client() as client:
+        manifest = client.get_manifest(repository, build.image.digest)
+        config = client.get_blob(repository, Descriptor.from_json(manifest.json().get("config")).digest)
+        layers = tuple(client.get_blob(repository, layer.digest) for layer in manifest.layers())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"{build.image.digest.removeprefix('sha256:')[:16]}.tar"
+    tag = f"{build.image.name}:{build.image.digest.removeprefix('sha256:')[:12]}"
+    path.write_bytes(docker_archive(OciImage(manifest.raw, config, layers), tag))
     return path
 
 
@@ -208,3 +213,53 @@ def verify_evidence(image: ImageRef, policy: EnvironmentPolicy, credentials_bloc
         key=f"verify-{image.digest.removeprefix('sha256:')[:16]}",
     )
     return results
+
+
+def _base_of(client: RegistryClient, image: ImageRef) -> str | None:
+    """``name@id`` of the base image recorded in the image's labels, or None."""
+    manifest = client.get_manifest(image.repository, image.digest)
+    config_ref = Descriptor.from_json(manifest.json().get("config"))
+    config = json.loads(client.get_blob(image.repository, config_ref.digest))
+    labels = (config.get("config") or {}).get("Labels") or {}
+    name, image_id = labels.get(LABEL_BASE_NAME), labels.get(LABEL_BASE_ID)
+    return f"{name}@{image_id}" if name and image_id else None
+
+
+def _findings_of(verifier: EvidenceVerifier, image: ImageRef) -> tuple[Finding, ...] | None:
+    """The findings of the signed scan report of ``image``; None when there is none to read."""
+    for found in verifier.statements(image, SCAN_RESULT):
+        try:
+            return ScanReport.model_validate(found.predicate.get("report")).findings
+        except ValueError:
+            continue
+    return None
+
+
+def compare_with_running(
+    candidate: ImageRef, running: ImageRef | None, creds: DeployCredentials,
+) -> WhatChanged:
+    """Deploy side: the base image and the scan findings of ``candidate`` against ``running``.
+
+    Both come from what the registry holds for the digests: the base from the image config's
+    labels (content-addressed), the findings from the scan attestations that verify against
+    the deploy side's trust roots. The commits are filled in by the caller.
+    """
+    with creds.registry_client() as client:
+        verifier = creds.evidence_verifier(client)
+        base_after = _base_of(client, candidate)
+        after = _findings_of(verifier, candidate)
+        if running is None:
+            return WhatChanged(running_digest=None, change=None, base_after=base_after,
+                               findings_new=after or (), scan_compared=after is not None)
+        try:
+            base_before = _base_of(client, running)
+            before = _findings_of(verifier, running)
+        except PortcullisError:
+            base_before, before = None, None  # the running digest is gone from the registry
+    if after is None or before is None:
+        return WhatChanged(running_digest=running.digest, change=None, base_before=base_before,
+                           base_after=base_after)
+    new, gone, kept = compare_findings(before, after)
+    return WhatChanged(running_digest=running.digest, change=None, base_before=base_before,
+                       base_after=base_after, findings_new=new, findings_gone=gone,
+                       findings_kept=kept, scan_compared=True)

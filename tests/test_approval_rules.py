@@ -23,12 +23,13 @@ from portcullis.approval import (
     MemoryReplayStore,
     Refusal,
     ReplayStore,
-    ScanComparison,
     Verdict,
     render_approval_request,
 )
+from portcullis.change import Change, ChangeCommit, WhatChanged
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import FreezePolicy, OneOffWindow, check_freeze
+from portcullis.scan import Finding, Severity
 
 SECRETS = {
     name: pyotp.random_base32() for name in ("alice", "bob", "carol", "dave", "erin", "trent")
@@ -425,19 +426,27 @@ def test_description_shows_what_is_approved_and_neutralises_markdown() -> None:
         end=datetime(2024, 5, 13),
     )
     freeze = check_freeze(FreezePolicy(environment="prod", windows=(window,)), at(1))
-    scan = ScanComparison(
-        candidate={"CRITICAL": 0, "HIGH": 2},
-        running={"HIGH": 5},
+    evil_commit = ChangeCommit(id="c" * 40, subject="[x](http://evil.example) fix", author="Eve <e@x>")
+    high = Finding(vulnerability_id="CVE-2024-1", package="openssl", installed_version="3.1",
+                   fixed_version="3.2", severity=Severity.HIGH)
+    what = WhatChanged(
         running_digest="sha256:" + "9" * 64,
-        verdict="passed",
+        change=Change(base="d" * 40, commit=COMMIT, commits=1, authors=("Eve <e@x>",),
+                      entries=(evil_commit,)),
+        base_before="portcullis/busybox:base@sha256:" + "1" * 64,
+        base_after="portcullis/busybox:base@sha256:" + "2" * 64,
+        findings_new=(high,), findings_kept=3, scan_compared=True,
     )
     text = render_approval_request(
-        book, at(2), freeze=freeze, scan=scan, notice="Refused: the code for bob is wrong"
+        book, at(2), freeze=freeze, change=what, notice="Refused: the code for bob is wrong"
     )
     assert DIGEST in text and COMMIT in text
     assert "](http" not in text and "\\[click me\\]" in text
     assert "\n# Approved" not in text
     assert "alice" in text and "1 more approval" in text and "platform" in text
-    assert "| HIGH | 2 | 5 |" in text
+    plain = text.replace("\\", "")
+    assert "1 commit(s)" in plain and "`cccccccccccc` [x](http://evil.example) fix" in plain
+    assert "Base image changed" in plain and "1 new, 0 gone, 3 unchanged" in plain
+    assert "HIGH** CVE-2024-1 in openssl 3.1 (fixed in 3.2)" in plain
     assert "next freeze 'sale'" in text.replace("\\", "")
     assert "Refused: the code for bob is wrong" in text.replace("\\", "")

@@ -47,13 +47,13 @@ def test_build_deploy_replace_and_keep_rollback_target(
 ) -> None:
     v1 = _build(app_repo, app_name, build_creds)
     assert v1.image.registry == build_creds.registry
-    image = docker_client.images.get(f"{v1.image.name}@{v1.image.digest}")
+
+    d1 = deploy_image(v1.image, app_name, "dev", v1.source.commit, deploy_creds)
+    image = docker_client.images.get(f"{v1.image.name}@{v1.image.digest}")  # as pulled
     labels = image.labels
     assert labels["org.opencontainers.image.revision"] == v1.source.commit
     assert labels["org.opencontainers.image.source"]
     assert labels["org.opencontainers.image.created"]
-
-    d1 = deploy_image(v1.image, app_name, "dev", v1.source.commit, deploy_creds)
     assert d1.previous_digest is None
     assert "hello from portcullis" in httpx.get(d1.url + "cgi-bin/hello", timeout=5).text
 

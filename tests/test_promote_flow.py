@@ -72,4 +72,5 @@ def test_no_flow_parameter_can_carry_or_weaken_a_policy() -> None:
     assert params == {
         "app", "environment", "source_repo", "commit", "ref", "context_path", "image",
         "requested_by", "requester_code", "build_credentials_block", "deploy_credentials_block",
+        "force_rebuild",
     }

@@ -291,7 +291,12 @@ class AuditLog:
 
     def verify(self) -> VerifyReport:
         """Verify the chain and the anchor; see :func:`verify_log`."""
-        return verify_log(self.path, self.anchor_path if self.anchor_path.exists() else None)
+        if not self.path.parent.exists():
+            return verify_log(self.path, None)
+        # Under the writers' lock: a record appended between reading the log and reading the
+        # anchor would otherwise look like one written without the anchor.
+        with file_lock(self._lock_path):
+            return verify_log(self.path, self.anchor_path if self.anchor_path.exists() else None)
 
 
 def _check_line(index: int, raw: bytes, prev_hash: str) -> tuple[str | None, str]:

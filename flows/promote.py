@@ -323,7 +323,7 @@ def deploy_side(
             # Pull-based: the controller in the cluster applies what this commit pins.
             gitops = commit_promotion(app, environment, image, provenance["commit"],
                                       flow_run.get_flow_run_ui_url() or str(flow_run.get_id()),
-                                      list(approved_by))
+                                      list(approved_by), canary=policy.canary)
         elif policy.canary is None:
             deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
                                 approved_by=",".join(approved_by))

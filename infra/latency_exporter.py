@@ -4,7 +4,10 @@ HAProxy's Prometheus exporter has averages and maxima of response times but no h
 no p99 can be computed from it. HAProxy can, however, send one syslog line per request over
 UDP. This exporter listens for those lines on loopback, parses the fields written by
 :data:`LOG_FORMAT` (backend, server, status, Tr and Tt timers) and exposes Prometheus
-histograms per backend and server, which ``histogram_quantile()`` turns into a p99 per window.
+histograms per backend and server with log-spaced buckets at most 10% wide
+(:data:`portcullis.canary.metrics.LATENCY_BUCKETS`, 1 ms to 30 s), so the canary judge gets
+each server's whole response-time distribution over a window from ``increase()`` of the
+buckets, not one interpolated quantile.
 
 Run it as a process: ``python -m infra.latency_exporter --udp-port 0 --http-port 0
 --ready-file PATH``; with port 0 it picks free ports and writes them to the ready file.
@@ -30,7 +33,7 @@ from typing import IO
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from portcullis.canary.metrics import RESPONSE_SECONDS_METRIC
+from portcullis.canary.metrics import LATENCY_BUCKETS, RESPONSE_SECONDS_METRIC
 from portcullis.errors import TransientError
 
 LOG_TAG = "portcullis-v1"
@@ -44,31 +47,7 @@ _LINE_RE = re.compile(
     r"status=(?P<status>-?\d+) tr=(?P<tr>-?\d+) tt=(?P<tt>-?\d+)"
 )
 
-BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    10.0,
-)  # fine around typical web latencies: histogram_quantile interpolates inside one bucket
+BUCKETS = LATENCY_BUCKETS
 
 
 class LatencyRecorder:

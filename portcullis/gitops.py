@@ -22,6 +22,7 @@ import base64
 import fcntl
 import os
 import re
+import statistics
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import Field, SecretStr, field_validator
 
+from portcullis.canary.analysis import BUDGET_SHARES, CanaryPolicy
 from portcullis.errors import ConfigurationError, PolicyRefusal, ToolError, TransientError
 from portcullis.models import CommitSha, Digest, Frozen, ImageRef
 from portcullis.toolrun import ToolResult, run_tool
@@ -249,6 +251,239 @@ def render_overlay(
     }
     common.update(annotations.as_annotations(image.digest))
     out["commonAnnotations"] = common
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The canary in the cluster: an Argo Rollouts Rollout and AnalysisTemplate from the policy
+# --------------------------------------------------------------------------------------------
+
+ROLLOUT_FILE = "portcullis-rollout.yaml"
+"""The overlay file holding the rendered Rollout and AnalysisTemplate."""
+
+
+class RolloutMetrics(Frozen):
+    """Where the cluster's Prometheus keeps the figures the AnalysisTemplate asks for.
+
+    Argo Rollouts labels the pods of each version with ``rollouts-pod-template-hash``; the
+    queries select the canary and the stable version by that label (as exported to
+    Prometheus, by default ``rollouts_pod_template_hash``).
+    """
+
+    prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
+    requests_metric: str = Field(default="http_requests_total", description="request counter")
+    error_matcher: str = Field(default='code=~"5.."', description="label matcher of errors")
+    latency_metric: str = Field(
+        default="http_request_duration_seconds",
+        description="response-time histogram; it needs a bucket at max_latency_seconds",
+    )
+    hash_label: str = "rollouts_pod_template_hash"
+    replicas: int = Field(default=2, ge=1, description="pods of the Rollout")
+
+    @field_validator("requests_metric", "latency_metric", "hash_label")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_:][A-Za-z0-9_:]*", value):
+            raise ValueError(f"{value!r} is not a Prometheus metric or label name")
+        return value
+
+    @field_validator("error_matcher")
+    @classmethod
+    def _matcher(cls, value: str) -> str:
+        if not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*(=|!=|=~|!~)"[^"{}\\]*"', value):
+            raise ValueError(f"{value!r} is not one PromQL label matcher")
+        return value
+
+
+def _num(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _wilson(errors: str, total: str, z: float, sign: str) -> str:
+    """PromQL of a Wilson score bound (``sign`` '+' upper, '-' lower) of errors/total."""
+    p = f"(({errors}) / ({total}))"
+    z2 = _num(z * z)
+    return (
+        f"(({p} + {z2} / (2 * ({total}))) {sign} {_num(z)} * sqrt(clamp_min({p} * (1 - {p}) "
+        f"/ ({total}) + {z2} / (4 * ({total}) * ({total})), 0))) / (1 + {z2} / ({total}))"
+    )
+
+
+def _three_valued(fail: str, passed: str) -> str:
+    """1 when ``fail`` holds, -1 when ``passed`` holds, 0 (Inconclusive) otherwise."""
+    return f"({fail}) - (({passed}) * (1 - ({fail})))"
+
+
+def render_canary(
+    policy: CanaryPolicy,
+    *,
+    app: str,
+    workload: str,
+    metrics: RolloutMetrics | None = None,
+) -> list[dict[str, Any]]:
+    """The Argo Rollouts objects that run ``policy``'s canary in the cluster.
+
+    A ``Rollout`` takes over the base ``Deployment`` through ``workloadRef`` (so the overlay's
+    ``images:`` digest pin still decides what runs) and walks the policy's steps: ``setWeight``,
+    ``pause`` for the window, then an inline analysis over that window. The
+    ``AnalysisTemplate`` holds one Prometheus metric per check of the judge
+    (:mod:`portcullis.canary.analysis`) with the same limits and the same false-failure
+    budget, split the same way over the same number of looks. Argo judges every measurement
+    alone with PromQL, so the in-cluster checks are per-window approximations of the judge:
+    Wilson score bounds instead of Clopper-Pearson, a two-proportion z test per window instead
+    of the sequential test, and a p90 ratio with one bucket of slack instead of Mann-Whitney.
+    Each query answers 1 (fail), -1 (pass) or 0 (not enough evidence: Inconclusive), and
+    ``failureLimit`` / ``inconclusiveLimit`` are the policy's.
+
+    Args:
+        policy: the environment's canary policy.
+        app: the application; names the objects.
+        workload: the base Deployment's name.
+        metrics: where the figures live in the cluster's Prometheus.
+
+    Returns:
+        ``[Rollout, AnalysisTemplate]`` as mappings.
+    """
+    m = metrics or RolloutMetrics()
+    for name, value in (("app", app), ("workload", workload)):
+        if not _ENV_NAME_RE.fullmatch(value):
+            raise ConfigurationError(f"{name} {value!r} is not a Kubernetes object name")
+    lim = policy.limits
+    alpha = lim.false_failure_rate
+    z_pass = statistics.NormalDist().inv_cdf(lim.pass_confidence)
+
+    def z_fail(share: str, looks: float) -> float:
+        return statistics.NormalDist().inv_cdf(1 - alpha * BUDGET_SHARES[share] / looks)
+
+    def sel(version: str, extra: str = "") -> str:
+        matchers = [f'{m.hash_label}="{{{{args.{version}-hash}}}}"', *([extra] if extra else [])]
+        return "{" + ",".join(matchers) + "}"
+
+    def total(metric: str, version: str, extra: str = "") -> str:
+        return f"(sum(increase({metric}{sel(version, extra)}[{{{{args.window}}}}])) or vector(0))"
+
+    n_c, n_b = total(m.requests_metric, "canary"), total(m.requests_metric, "stable")
+    x_c = total(m.requests_metric, "canary", m.error_matcher)
+    x_b = total(m.requests_metric, "stable", m.error_matcher)
+    enough = f"({n_c} >= bool {lim.min_requests}) * ({n_b} >= bool {lim.min_requests})"
+    limit = _num(lim.max_error_rate)
+    error_rate = _three_valued(
+        f"({_wilson(x_c, n_c, z_fail('error-rate', policy.max_samples), '-')} > bool {limit}) "
+        f"* (({x_b}) / ({n_b}) <= bool {limit})",
+        f"({_wilson(x_c, n_c, z_pass, '+')} <= bool {limit}) * {enough}",
+    )
+    tau = _num(lim.max_error_ratio)
+    pooled = f"(({x_c}) + ({x_b})) / (({n_c}) + ({n_b}))"
+    z_ratio = (
+        f"((({x_c}) / ({n_c}) - {tau} * ({x_b}) / ({n_b})) / sqrt(clamp_min({pooled} * "
+        f"(1 - {pooled}) * (1 / ({n_c}) + {_num(lim.max_error_ratio**2)} / ({n_b})), 1e-12)))"
+    )
+    z_crit = _num(z_fail("error-rate-vs-baseline", policy.max_samples))
+    error_ratio = _three_valued(f"{z_ratio} > bool {z_crit}", f"({z_ratio} <= bool {z_crit}) * {enough}")
+    count_c, count_b = (total(f"{m.latency_metric}_count", v) for v in ("canary", "stable"))
+    le = f'le="{_num(lim.max_latency_seconds)}"'
+    slow_c = f"(({count_c}) - {total(f'{m.latency_metric}_bucket', 'canary', le)})"
+    slow_b = f"(({count_b}) - {total(f'{m.latency_metric}_bucket', 'stable', le)})"
+    allowed = _num(1 - lim.latency_quantile)
+    latency = _three_valued(
+        f"({_wilson(slow_c, count_c, z_fail('latency', policy.max_samples), '-')} > bool "
+        f"{allowed}) * (({slow_b}) / ({count_b}) <= bool {allowed})",
+        f"({_wilson(slow_c, count_c, z_pass, '+')} <= bool {allowed}) * "
+        f"({count_c} >= bool {lim.min_requests})",
+    )
+
+    def p90(version: str) -> str:
+        # No data gives an empty vector, which Argo counts as an Error: NaN is Inconclusive.
+        return (
+            f"(histogram_quantile(0.9, sum by (le) (increase({m.latency_metric}_bucket"
+            f"{sel(version)}[{{{{args.window}}}}]))) or vector(NaN))"
+        )
+
+    ratio = _num(lim.max_latency_ratio)
+    slack = _num(lim.max_latency_ratio * 1.1)  # one histogram bucket
+    latency_ratio = _three_valued(
+        f"{p90('canary')} > bool {slack} * {p90('stable')}",
+        f"({p90('canary')} <= bool {ratio} * {p90('stable')}) * "
+        f"({count_c} >= bool {lim.min_requests})",
+    )
+    template_name = f"{app}-canary"
+    checks = {
+        "error-rate": error_rate,
+        "error-rate-vs-baseline": error_ratio,
+        "latency": latency,
+        "latency-vs-baseline": latency_ratio,
+    }
+    template: dict[str, Any] = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "AnalysisTemplate",
+        "metadata": {"name": template_name},
+        "spec": {
+            "args": [{"name": "canary-hash"}, {"name": "stable-hash"}, {"name": "window"}],
+            "metrics": [
+                {
+                    "name": name,
+                    "count": 1,
+                    "successCondition": "result[0] < 0",
+                    "failureCondition": "result[0] > 0",
+                    "failureLimit": policy.failure_limit,
+                    "inconclusiveLimit": policy.inconclusive_limit,
+                    "consecutiveErrorLimit": policy.consecutive_error_limit,
+                    "provider": {"prometheus": {"address": m.prometheus_address, "query": query}},
+                }
+                for name, query in checks.items()
+            ],
+        },
+    }
+    steps: list[dict[str, Any]] = []
+    for step in policy.steps:
+        window = f"{max(1, round(step.window_seconds))}s"
+        steps.append({"setWeight": step.weight})
+        steps.append({"pause": {"duration": window}})
+        steps.append({
+            "analysis": {
+                "templates": [{"templateName": template_name}],
+                "args": [
+                    {"name": "canary-hash",
+                     "valueFrom": {"podTemplateHashValue": "Latest"}},
+                    {"name": "stable-hash",
+                     "valueFrom": {"podTemplateHashValue": "Stable"}},
+                    {"name": "window", "value": window},
+                ],
+            }
+        })
+    rollout: dict[str, Any] = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": app},
+        "spec": {
+            "replicas": m.replicas,
+            "workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": workload,
+                            "scaleDown": "progressively"},
+            "strategy": {"canary": {"steps": steps}},
+        },
+    }
+    return [rollout, template]
+
+
+def render_canary_overlay(
+    kustomization: Mapping[str, Any], *, workload: str
+) -> dict[str, Any]:
+    """Add the rendered Rollout file to an overlay, and scale the base Deployment to zero.
+
+    The Rollout runs the pods from the Deployment's template; the Deployment itself keeps no
+    replicas (in Git, so Argo CD / Flux do not scale it back up). The input is not modified.
+    """
+    out = dict(kustomization)
+    resources = list(out.get("resources", []))
+    if ROLLOUT_FILE not in resources:
+        resources.append(ROLLOUT_FILE)
+    out["resources"] = resources
+    patch = {
+        "target": {"kind": "Deployment", "name": workload},
+        "patch": "- op: replace\n  path: /spec/replicas\n  value: 0\n",
+    }
+    patches = [p for p in out.get("patches", []) if p != patch]
+    out["patches"] = [*patches, patch]
     return out
 
 
@@ -650,9 +885,10 @@ class GitOpsTarget:
             )
 
     def _commit_and_push(self, path: Path, message: str, environment: str, expected: str,
-                         image_name: str, what: str) -> tuple[str, int]:
-        rel = path.relative_to(self.workdir).as_posix()
-        self._git("add", "--", rel)
+                         image_name: str, what: str,
+                         also: tuple[Path, ...] = ()) -> tuple[str, int]:
+        for changed in (path, *also):
+            self._git("add", "--", changed.relative_to(self.workdir).as_posix())
         self._commit(message)
         for attempt in range(1, self.max_push_attempts + 1):
             if self._push():
@@ -700,6 +936,9 @@ class GitOpsTarget:
         annotations: TraceAnnotations,
         *,
         image_name: str | None = None,
+        canary: CanaryPolicy | None = None,
+        workload: str | None = None,
+        metrics: RolloutMetrics | None = None,
     ) -> GitOpsCommit:
         """Pin ``image`` in the environment's overlay, commit and push.
 
@@ -709,6 +948,11 @@ class GitOpsTarget:
             image: the digest-pinned image to run.
             annotations: commit, flow run, approvers and time, written into the overlay.
             image_name: the image name in the base manifests; default ``app``.
+            canary: the environment's canary policy: rendered into the overlay as an Argo
+                Rollouts Rollout and AnalysisTemplate (:func:`render_canary`), in the same
+                commit as the digest.
+            workload: the base Deployment the Rollout takes over; default ``app``.
+            metrics: where the cluster's Prometheus keeps the canary's figures.
 
         Returns:
             The pushed commit.
@@ -724,6 +968,19 @@ class GitOpsTarget:
         with self._locked():
             self.sync()
             path, text, data = self._read_overlay(environment)
+            also: tuple[Path, ...] = ()
+            if canary is not None:
+                deployment = workload or app
+                data = render_canary_overlay(data, workload=deployment)
+                rollout_path = path.parent / ROLLOUT_FILE
+                rollout_path.write_text(
+                    "# Rendered by Portcullis from the environment's canary policy; edits here "
+                    "are overwritten.\n" + yaml.safe_dump_all(
+                        render_canary(canary, app=app, workload=deployment, metrics=metrics),
+                        sort_keys=False, width=1000,
+                    )
+                )
+                also = (rollout_path,)
             rendered = dump_kustomization(
                 render_overlay(data, image, annotations, image_name=name), leading_comments(text)
             )
@@ -736,7 +993,8 @@ class GitOpsTarget:
             self._check_rendered(environment, image)
             message = promotion_message(app, environment, image, annotations, name)
             sha, attempts = self._commit_and_push(
-                path, message, environment, image.digest, name, f"promotion of {image.digest}"
+                path, message, environment, image.digest, name, f"promotion of {image.digest}",
+                also,
             )
         return GitOpsCommit(sha=sha, environment=environment, digest=image.digest,
                             message=message, pushed_to=self.pushed_to, push_attempts=attempts)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from prefect import get_run_logger, task
 
 from blocks.gitops import GitOpsTargetBlock
+from portcullis.canary.analysis import CanaryPolicy
 from portcullis.gitops import GitOpsCommit, TraceAnnotations
 from portcullis.models import ImageRef
 from tasks.retry import only_transient
@@ -28,6 +29,7 @@ def commit_promotion(
     approved_by: list[str],
     gitops_block: str | None = None,
     image_name: str | None = None,
+    canary: CanaryPolicy | None = None,
 ) -> GitOpsCommit:
     """Pin ``image`` in the environment's overlay of the GitOps repository and push.
 
@@ -40,6 +42,8 @@ def commit_promotion(
         approved_by: approver ids accepted by the approval gate (empty if none was required).
         gitops_block: saved GitOpsTargetBlock name; None reads ``PORTCULLIS_GITOPS_*``.
         image_name: the image name used in the base manifests; default ``app``.
+        canary: the environment's canary policy, rendered into the overlay as an Argo
+            Rollouts Rollout with its AnalysisTemplate; None pins the digest only.
 
     Returns:
         The pushed commit (sha, digest, message, where it went).
@@ -51,7 +55,7 @@ def commit_promotion(
         approved_by=tuple(approved_by),
         deployed_at=datetime.now(UTC),
     )
-    pushed = target.promote(app, environment, image, trace, image_name=image_name)
+    pushed = target.promote(app, environment, image, trace, image_name=image_name, canary=canary)
     get_run_logger().info(
         "committed %s for %s/%s to %s (%d push attempt(s))",
         pushed.sha[:12], app, environment, pushed.pushed_to, pushed.push_attempts,

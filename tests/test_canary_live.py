@@ -229,16 +229,16 @@ def _run_canary(stack: Stack, policy: CanaryPolicy) -> Verdict:
     return verdict
 
 
-# Windows of a few seconds hold a few hundred requests: enough for the error checks, and for
-# a rough p99. On a shared 2-core machine single requests stall for tens of milliseconds, so
-# the latency comparison gets 50 ms of slack here (production keeps the default 5 ms).
+# Windows of a few seconds hold a few hundred requests: enough for the error checks and the
+# latency distributions. On a shared 2-core machine single requests stall for tens of
+# milliseconds, so the latency comparison tolerates twice the baseline here, and the absolute
+# limit is on the p95 (a few hundred timed requests cannot show a p99 with one stall in them).
 _TEST_LIMITS = AnalysisLimits(
     min_requests=60,
-    min_latency_samples=100,
+    latency_quantile=0.95,
     max_error_rate=0.02,
-    max_p99_seconds=0.5,
-    max_p99_ratio=2.0,
-    p99_tolerance_seconds=0.05,
+    max_latency_seconds=0.5,
+    max_latency_ratio=2.0,
 )
 
 
@@ -282,6 +282,7 @@ def test_weights_move_live_without_failed_requests(stack: Stack) -> None:
     assert sample.canary.errors == 0 and sample.baseline.errors == 0, sample
     assert sample.canary.latency_samples > 50 and sample.baseline.latency_samples > 50, sample
     assert sample.canary.p99_seconds is not None and sample.baseline.p99_seconds is not None
+    assert sample.canary.latency is not None and sample.canary.latency.bounds[-1] == float("inf")
 
 
 def test_retired_canary_gets_no_traffic_and_cannot_be_weighted(stack: Stack) -> None:
@@ -361,13 +362,15 @@ def test_canary_with_20_percent_errors_fails(stack: Stack) -> None:
 
 
 def test_slow_canary_fails_on_latency(stack: Stack) -> None:
-    """Given a canary 300 ms slower than stable, both p99 checks fail it."""
+    """Given a canary 300 ms slower than stable, both latency checks fail it."""
     stack.stable.behave(delay_ms=0)
     stack.canary.behave(delay_ms=300)
     stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
     policy = CanaryPolicy(
         steps=(CanaryStep(weight=50, window_seconds=6),),
-        limits=_TEST_LIMITS.model_copy(update={"max_p99_seconds": 0.2, "max_p99_ratio": 1.5}),
+        limits=_TEST_LIMITS.model_copy(
+            update={"max_latency_seconds": 0.2, "max_latency_ratio": 1.5}
+        ),
     )
     # Slow answers hold connections, so the load runs uncapped. It stays at 8 connections:
     # busybox httpd listens with a backlog of 9, and a fuller accept queue can drop handshakes
@@ -384,4 +387,4 @@ def test_slow_canary_fails_on_latency(stack: Stack) -> None:
     (assessment,) = verdict.assessments
     failed = {c.name for c in assessment.checks if c.outcome is CheckOutcome.FAIL}
     details = "; ".join(c.detail for c in assessment.checks)
-    assert failed == {CheckName.P99_LATENCY, CheckName.P99_LATENCY_VS_BASELINE}, details
+    assert failed == {CheckName.LATENCY, CheckName.LATENCY_VS_BASELINE}, details

@@ -3,6 +3,7 @@ the Prometheus config, the load generator's bounds and the measurement wrapper."
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import socket
@@ -14,13 +15,14 @@ import httpx
 import pytest
 
 from infra.haproxy import Route, RouterSettings, RuntimeApi, render_config
-from infra.latency_exporter import LOG_FORMAT, LatencyRecorder, start_latency_exporter
+from infra.latency_exporter import BUCKETS, LOG_FORMAT, LatencyRecorder, start_latency_exporter
 from infra.prometheus import free_tcp_port
 from infra.prometheus import render_config as render_prometheus_config
-from portcullis.canary.analysis import Sample, ServerWindow, Window
+from portcullis.canary.analysis import LatencyHistogram, Sample, ServerWindow, Window
 from portcullis.canary.loadgen import run_load
 from portcullis.canary.metrics import (
     HAPROXY_JOB,
+    LATENCY_BUCKETS,
     LATENCY_JOB,
     RESPONSE_SECONDS_METRIC,
     CanaryTarget,
@@ -128,9 +130,18 @@ def test_recorder_builds_per_server_histograms() -> None:
 
     canary = {"proxy": "web.prod", "server": "canary"}
     assert value(f"{RESPONSE_SECONDS_METRIC}_count", **canary) == 3
-    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le="0.005", **canary) == 2
-    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le="0.2", **canary) == 2
-    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le="0.3", **canary) == 3
+    # Buckets are log-spaced, each at most 10% wider than the one below.
+    assert all(b / a <= 1.1 for a, b in itertools.pairwise(BUCKETS)), BUCKETS
+    assert BUCKETS[0] <= 0.001 and BUCKETS[-1] >= 30
+
+    def le(seconds: float) -> str:  # the smallest bucket bound at or above ``seconds``
+        return str(next(b for b in BUCKETS if b >= seconds))
+
+    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le=le(0.004), **canary) == 2
+    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le="0.003", **canary) is None  # no such bound
+    below_250 = max(b for b in BUCKETS if b < 0.25)
+    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le=str(below_250), **canary) == 2
+    assert value(f"{RESPONSE_SECONDS_METRIC}_bucket", le=le(0.25), **canary) == 3
     assert value(f"{RESPONSE_SECONDS_METRIC}_count", proxy="web.prod", server="stable") == 1
     assert value("portcullis_latency_exporter_lines_total", result="no_response") == 2
     assert value("portcullis_latency_exporter_lines_total", result="unparsed") == 1
@@ -199,8 +210,10 @@ class FixedProvider(MetricsProvider):
 
 def test_measure_wraps_a_sample() -> None:
     sample = Sample(
-        canary=ServerWindow(requests=10, errors=1, latency_samples=10, p99_seconds=0.01),
-        baseline=ServerWindow(requests=90, errors=0, latency_samples=90, p99_seconds=0.01),
+        canary=ServerWindow(requests=10, errors=1,
+                            latency=LatencyHistogram.of([0.01] * 9, LATENCY_BUCKETS)),
+        baseline=ServerWindow(requests=90, errors=0,
+                              latency=LatencyHistogram.of([0.01] * 90, LATENCY_BUCKETS)),
     )
     m = measure(
         FixedProvider(sample), CanaryTarget(backend="web.prod"), step=1, weight=20, window=WINDOW

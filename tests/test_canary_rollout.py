@@ -47,8 +47,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
 POLICY = CanaryPolicy(
     steps=(CanaryStep(weight=20, window_seconds=5), CanaryStep(weight=50, window_seconds=5)),
-    limits=AnalysisLimits(min_requests=40, min_latency_samples=40, max_error_rate=0.01,
-                          max_p99_seconds=1.0, max_p99_ratio=3.0, p99_tolerance_seconds=0.1),
+    # Windows of 5 s on a shared machine can hold as little as a hundred canary requests: the
+    # pass side asks for the limits at even odds (0 errors in 70 requests shows < 1%).
+    limits=AnalysisLimits(min_requests=40, max_error_rate=0.01, max_latency_seconds=1.0,
+                          max_latency_ratio=3.0, pass_confidence=0.5),
 )
 
 

@@ -20,20 +20,25 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from pydantic import SecretStr, ValidationError
 
 from blocks.gitops import GitOpsTargetBlock
+from infra.prometheus import start_prometheus
 from portcullis.errors import ConfigurationError, PolicyRefusal
 from portcullis.gitops import (
     GitOpsCommit,
     GitOpsTarget,
+    RolloutMetrics,
     TraceAnnotations,
     parse_kustomization,
+    render_canary,
     render_overlay,
 )
 from portcullis.models import ImageRef
+from portcullis.policy import load_policy
 from tests.support.http import serving
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -496,6 +501,103 @@ def test_a_pin_the_manifests_never_use_is_refused(remote: Remote, tmp_path: Path
     with pytest.raises(ConfigurationError, match="rendered manifests never use it"):
         target.promote("hello", "prod", image(1), trace("alice"), image_name="helo")
     assert remote.head() == head
+
+
+PROD_CANARY = load_policy("prod", REPO_ROOT / "policies").canary
+
+
+@needs_kustomize
+def test_the_prod_canary_renders_as_an_argo_rollout_with_its_analysis(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """Given prod's canary policy, the overlay commit renders a Rollout + AnalysisTemplate."""
+    assert KUSTOMIZE is not None and PROD_CANARY is not None
+    target = GitOpsTarget(remote.url, tmp_path / "work", kustomize=KUSTOMIZE)
+    target.promote("hello", "prod", image(1), trace("alice", "bob"), canary=PROD_CANARY)
+    check = tmp_path / "check"
+    git("clone", "-q", str(remote.bare), str(check))
+    out = subprocess.run([*KUSTOMIZE, str(check / "overlays" / "prod")], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out)}
+    assert set(docs) == {"Deployment", "Service", "Rollout", "AnalysisTemplate"}
+
+    # The Deployment still pins the digest; the Rollout runs its template and it keeps none.
+    deployment, rollout, template = docs["Deployment"], docs["Rollout"], docs["AnalysisTemplate"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == str(image(1))
+    assert deployment["spec"]["replicas"] == 0
+    assert rollout["spec"]["workloadRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                              "name": "hello", "scaleDown": "progressively"}
+    assert rollout["metadata"]["namespace"] == template["metadata"]["namespace"] == "hello-prod"
+    assert rollout["metadata"]["annotations"]["portcullis.dev/digest"] == digest(1)
+
+    # The policy's steps: setWeight, pause for the window, analysis over that window.
+    steps = rollout["spec"]["strategy"]["canary"]["steps"]
+    assert [s["setWeight"] for s in steps[0::3]] == [s.weight for s in PROD_CANARY.steps]
+    windows = [f"{round(s.window_seconds)}s" for s in PROD_CANARY.steps]
+    assert [s["pause"]["duration"] for s in steps[1::3]] == windows
+    for analysis, window in zip(steps[2::3], windows, strict=True):
+        assert analysis["analysis"]["templates"] == [{"templateName": "hello-canary"}]
+        args = {a["name"]: a for a in analysis["analysis"]["args"]}
+        assert args["window"]["value"] == window
+        assert args["canary-hash"]["valueFrom"] == {"podTemplateHashValue": "Latest"}
+        assert args["stable-hash"]["valueFrom"] == {"podTemplateHashValue": "Stable"}
+
+    # One metric per check of the judge, with the policy's limits and run limits.
+    metrics = {m["name"]: m for m in template["spec"]["metrics"]}
+    assert set(metrics) == {"error-rate", "error-rate-vs-baseline", "latency",
+                            "latency-vs-baseline"}
+    limits = PROD_CANARY.limits
+    for metric in metrics.values():
+        assert metric["failureLimit"] == PROD_CANARY.failure_limit
+        assert metric["inconclusiveLimit"] == PROD_CANARY.inconclusive_limit
+        assert (metric["successCondition"], metric["failureCondition"]) == (
+            "result[0] < 0", "result[0] > 0")
+        query = metric["provider"]["prometheus"]["query"]
+        assert '{{args.canary-hash}}' in query and "[{{args.window}}]" in query
+    assert f"> bool {limits.max_error_rate:g}" in metrics["error-rate"]["provider"]["prometheus"][
+        "query"]
+    assert f'le="{limits.max_latency_seconds:g}"' in metrics["latency"]["provider"][
+        "prometheus"]["query"]
+
+    # A second promotion changes only the digest; the rendered canary stays as it was.
+    target.promote("hello", "prod", image(2), trace("alice", "bob"), canary=PROD_CANARY)
+    changed = git("--git-dir", str(remote.bare), "diff", "--name-only", "main~1", "main")
+    assert changed.splitlines() == ["overlays/prod/kustomization.yaml"]
+
+
+def test_every_rendered_query_is_promql_prometheus_evaluates(tmp_path: Path) -> None:
+    """Each metric's query, with its arguments filled in, runs on a real Prometheus.
+
+    With no traffic at all every check must answer 0: Inconclusive, never pass or fail.
+    """
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (infra/bootstrap.sh installs it)")
+    assert PROD_CANARY is not None
+    _, template = render_canary(PROD_CANARY, app="hello", workload="hello")
+    server = start_prometheus(tmp_path / "prometheus", haproxy_target="127.0.0.1:9",
+                              latency_target="127.0.0.1:9")
+    try:
+        for metric in template["spec"]["metrics"]:
+            query = (metric["provider"]["prometheus"]["query"]
+                     .replace("{{args.canary-hash}}", "abc").replace("{{args.stable-hash}}", "def")
+                     .replace("{{args.window}}", "600s"))
+            body = httpx.get(f"{server.url}/api/v1/query", params={"query": query},
+                             timeout=10).json()
+            assert body["status"] == "success", (metric["name"], body)
+            values = [float(r["value"][1]) for r in body["data"]["result"]]
+            assert values == [0.0], (metric["name"], values)
+    finally:
+        server.stop()
+
+
+def test_rollout_metric_names_cannot_inject_promql() -> None:
+    with pytest.raises(ValidationError, match="not a Prometheus metric"):
+        RolloutMetrics(requests_metric='x{a="b"} or vector(1)')
+    with pytest.raises(ValidationError, match="one PromQL label matcher"):
+        RolloutMetrics(error_matcher='code="5"} or vector(1) or {a="b"')
+    assert PROD_CANARY is not None
+    with pytest.raises(ConfigurationError, match="not a Kubernetes object name"):
+        render_canary(PROD_CANARY, app="Hello World", workload="hello")
 
 
 # --- a token over HTTP ----------------------------------------------------------------------

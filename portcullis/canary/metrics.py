@@ -7,8 +7,10 @@ baseline. :class:`PrometheusProvider` answers it with PromQL over HTTP, from two
 * HAProxy's built-in exporter: per-server response counters by status class, connection and
   response errors;
 * the latency exporter (``infra/latency_exporter.py``), which turns HAProxy's per-request log
-  lines into a per-server response-time histogram, because HAProxy itself exports no latency
-  histogram from which a p99 could be computed.
+  lines into a per-server response-time histogram with log-spaced buckets at most 10% wide
+  (:data:`LATENCY_BUCKETS`), because HAProxy itself exports no latency histogram. The whole
+  histogram of each server over the window goes to the judge, which compares the two
+  distributions instead of reading one interpolated p99.
 
 :func:`measure` wraps a provider call into a :class:`~portcullis.canary.analysis.Measurement`,
 recording a transient failure as an Error measurement instead of raising, so the verdict can
@@ -27,7 +29,7 @@ from typing import Any
 import httpx
 from pydantic import field_validator
 
-from portcullis.canary.analysis import Measurement, Sample, ServerWindow, Window
+from portcullis.canary.analysis import LatencyHistogram, Measurement, Sample, ServerWindow, Window
 from portcullis.errors import ConfigurationError, TransientError
 from portcullis.models import Frozen
 
@@ -39,6 +41,21 @@ LATENCY_JOB = "portcullis-latency"
 
 RESPONSE_SECONDS_METRIC = "portcullis_haproxy_server_response_seconds"
 """Histogram of server response times (HAProxy's Tr), labelled ``proxy`` and ``server``."""
+
+
+def _log_buckets(first: float, last: float, ratio: float) -> tuple[float, ...]:
+    bounds = [first]
+    while bounds[-1] < last:
+        # Four significant digits keep the ``le`` labels short; each step stays <= ``ratio``.
+        bounds.append(float(f"{bounds[-1] * ratio:.4g}"))
+    return tuple(bounds)
+
+
+LATENCY_BUCKETS = _log_buckets(0.001, 30.0, 1.0995)
+"""Upper bounds (seconds) of the response-time histogram: 1 ms to 30 s, each bucket at most
+10% wider than the one below, so two distributions can be compared as wholes (Mann-Whitney),
+not through one interpolated p99. HAProxy's timers are whole milliseconds, so below 10 ms the
+buckets are finer than the data."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -120,7 +137,6 @@ class PrometheusProvider(MetricsProvider):
         base_url: Prometheus' address, e.g. ``http://127.0.0.1:9090``.
         settle_seconds: how long after the window's end to wait before asking, so that the
             scrape covering the window's last second has landed.
-        quantile: the latency quantile reported as ``p99_seconds``.
         timeout: HTTP timeout per query.
         client: an httpx client to reuse (one is created otherwise).
         clock: returns the current UNIX time (injectable for tests).
@@ -134,7 +150,6 @@ class PrometheusProvider(MetricsProvider):
         base_url: str,
         *,
         settle_seconds: float = 2.0,
-        quantile: float = 0.99,
         timeout: float = 5.0,
         client: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
@@ -144,7 +159,6 @@ class PrometheusProvider(MetricsProvider):
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.settle_seconds = settle_seconds
-        self.quantile = quantile
         self._client = client or httpx.Client(timeout=timeout)
         self._clock = clock
         self._sleep = sleep
@@ -200,7 +214,7 @@ class PrometheusProvider(MetricsProvider):
         return {labels.get("server", ""): value for labels, value in self.query(promql, at)}
 
     def sample(self, target: CanaryTarget, window: Window) -> Sample:
-        """Query counts, errors and the latency quantile of both servers over ``window``."""
+        """Query counts, errors and the latency histograms of both servers over ``window``."""
         end = window.end.timestamp()
         wait = end + self.settle_seconds - self._clock()
         if wait > 0:
@@ -234,23 +248,21 @@ class PrometheusProvider(MetricsProvider):
                 f"sum by (server) (increase(haproxy_server_{counter}_total{{{sel}}}[{rng}]))", end
             ).items():
                 failures[server] = failures.get(server, 0.0) + value
-        latency_count = self._by_server(
-            f"sum by (server) (increase({RESPONSE_SECONDS_METRIC}_count{{{sel}}}[{rng}]))", end
-        )
-        quantiles = self._by_server(
-            f"histogram_quantile({self.quantile}, sum by (server, le) "
-            f"(rate({RESPONSE_SECONDS_METRIC}_bucket{{{sel}}}[{rng}])))",
+        cumulative: dict[str, dict[float, float]] = {}
+        for labels, value in self.query(
+            f"sum by (server, le) (increase({RESPONSE_SECONDS_METRIC}_bucket{{{sel}}}[{rng}]))",
             end,
-        )
+        ):
+            le = float(labels.get("le", "nan"))
+            if not math.isnan(le):
+                cumulative.setdefault(labels.get("server", ""), {})[le] = value
 
         def server_window(server: str) -> ServerWindow:
             failed = round(failures.get(server, 0.0))
-            p99 = quantiles.get(server)
             return ServerWindow(
                 requests=round(responses.get(server, 0.0)) + failed,
                 errors=round(server_errors.get(server, 0.0)) + failed,
-                latency_samples=round(latency_count.get(server, 0.0)),
-                p99_seconds=p99 if p99 is not None and math.isfinite(p99) else None,
+                latency=histogram_from_buckets(cumulative.get(server, {})),
             )
 
         return Sample(
@@ -274,3 +286,28 @@ class PrometheusProvider(MetricsProvider):
     def close(self) -> None:
         """Close the HTTP client."""
         self._client.close()
+
+
+def histogram_from_buckets(cumulative: dict[float, float]) -> LatencyHistogram | None:
+    """Turn Prometheus' cumulative ``le`` buckets over a window into bucket counts.
+
+    ``increase()`` extrapolates to the window's edges, so counts are rounded and a cumulative
+    count that dips below the one before it (rounding, or a counter reset inside the window)
+    is raised to it: a bucket never gets a negative count.
+
+    Args:
+        cumulative: ``le`` bound (seconds, ``inf`` for ``+Inf``) -> requests at or below it.
+
+    Returns:
+        The histogram, or None when there is no bucket at all.
+    """
+    if not cumulative:
+        return None
+    bounds = sorted(cumulative)
+    counts: list[int] = []
+    running = 0
+    for bound in bounds:
+        total = max(running, round(cumulative[bound]))
+        counts.append(total - running)
+        running = total
+    return LatencyHistogram(bounds=tuple(bounds), counts=tuple(counts))

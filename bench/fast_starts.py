@@ -153,7 +153,8 @@ def _stack(state: Path, people: People, tickets: list[str], app: str) -> Iterato
     client = docker.DockerClient(base_url=engine.host, version="auto")
     ensure_base_image(client)
     registry = start_registry(state / "registry", users={
-        "builder": secrets.token_urlsafe(12), "deployer": secrets.token_urlsafe(12)})
+        "builder": secrets.token_urlsafe(12), "deployer": secrets.token_urlsafe(12),
+        "promoter": secrets.token_urlsafe(12)})
     config = ProductionConfig(state_dir=state / "production", postgres_port=free_port(),
                               prefect_port=free_port(), worker_query_seconds=1)
     home, policies = state / "home", state / "policies"

@@ -9,7 +9,7 @@ environment variables through pydantic-settings: ``PORTCULLIS_BUILD_*`` and
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import docker
 from pydantic import Field, SecretStr
@@ -27,6 +27,9 @@ from portcullis.evidence import (
 )
 from portcullis.models import Frozen
 from portcullis.oci import RegistryClient
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 
 class _CredentialsBlock(EnvBlock):
@@ -164,6 +167,25 @@ class DeployCredentials(_CredentialsBlock):
     change_calendar_token: SecretStr | None = Field(
         default=None, description="Bearer token for the environment's external change calendar."
     )
+    promotion_signing_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Per environment: this deploy side's cosign.key (PEM, ENCRYPTED SIGSTORE "
+        "PRIVATE KEY) that signs its promotion records. Never the build key.",
+    )
+    promotion_key_passwords: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Per environment: the password of its promotion key."
+    )
+    promotion_trust_roots: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per environment: PEM public keys of that environment's deploy side; the "
+        "next environment takes a digest only with a record signed by one of them.",
+    )
+    promoter_username: str | None = Field(
+        default=None, description="Registry account that may push promotion records only."
+    )
+    promoter_password: SecretStr | None = Field(
+        default=None, description="Password or token of the promoter account."
+    )
 
     def evidence_verifier(self, client: RegistryClient) -> EvidenceVerifier:
         """Verifier over every trust anchor configured here (key pairs and/or identities)."""
@@ -192,3 +214,66 @@ class DeployCredentials(_CredentialsBlock):
                 hint="nothing can be deployed until a trust policy is configured",
             )
         return verifiers[0] if len(verifiers) == 1 else AnyVerifier(verifiers)
+
+    def _build_key_ids(self) -> set[str]:
+        from portcullis.signing.cosign_format import key_id, load_public_key
+
+        return {key_id(load_public_key(pem.encode())) for pem in self.trusted_public_keys}
+
+    def promotion_signing_key(self, environment: str) -> ec.EllipticCurvePrivateKey:
+        """The key this deploy side signs ``environment``'s promotion records with.
+
+        Raises:
+            ConfigurationError: none is configured, or it is a build key.
+        """
+        from portcullis.signing.cosign_format import decrypt_private_key, key_id
+
+        pem = self.promotion_signing_keys.get(environment)
+        password = self.promotion_key_passwords.get(environment)
+        if pem is None or password is None:
+            raise ConfigurationError(
+                f"the deploy credentials hold no promotion signing key for {environment}",
+                hint=f"set promotion_signing_keys[{environment!r}] and promotion_key_passwords"
+                f"[{environment!r}] (PORTCULLIS_DEPLOY_PROMOTION_SIGNING_KEYS / _KEY_PASSWORDS)",
+            )
+        key = decrypt_private_key(pem.get_secret_value().encode(), password.get_secret_value())
+        if key_id(key.public_key()) in self._build_key_ids():
+            # A build key vouching for promotions would let the build side skip environments.
+            raise ConfigurationError(
+                f"the promotion key for {environment} is a build signing key",
+                hint="give each environment's deploy side a key pair of its own",
+            )
+        return key
+
+    def promotion_trust_root(self, environment: str) -> list[ec.EllipticCurvePublicKey]:
+        """Public keys of ``environment``'s deploy side, whose promotion records count.
+
+        Raises:
+            ConfigurationError: none are configured, or one of them is a build key.
+        """
+        from portcullis.signing.cosign_format import key_id, load_public_key
+
+        pems = self.promotion_trust_roots.get(environment) or []
+        if not pems:
+            raise ConfigurationError(
+                f"no promotion trust root for {environment}: nothing can be taken from it",
+                hint=f"set promotion_trust_roots[{environment!r}] (PORTCULLIS_DEPLOY_PROMOTION_TRUST_ROOTS) "
+                f"to the public key of {environment}'s deploy side",
+            )
+        keys = [load_public_key(pem.encode()) for pem in pems]
+        if {key_id(k) for k in keys} & self._build_key_ids():
+            raise ConfigurationError(
+                f"the promotion trust root for {environment} holds a build signing key",
+                hint="trust only the public keys of that environment's deploy side",
+            )
+        return keys
+
+    def promoter_client(self) -> RegistryClient:
+        """A registry client logged in as the promoter (pull images, push records only)."""
+        if not self.promoter_username or self.promoter_password is None:
+            raise ConfigurationError(
+                "the deploy credentials name no promoter registry account",
+                hint="set promoter_username and promoter_password (PORTCULLIS_DEPLOY_PROMOTER_*)",
+            )
+        return RegistryClient(self.registry, username=self.promoter_username,
+                              password=self.promoter_password.get_secret_value())

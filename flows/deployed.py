@@ -45,12 +45,12 @@ from flows.promote import (
 from portcullis.approval import RequesterProof
 from portcullis.chain import newest_passed
 from portcullis.errors import PolicyRefusal, TransientError
-from portcullis.incidents import Incident, TicketUseStore, check_emergency_ticket, ticket_store_path
-from portcullis.pins import PinStore
+from portcullis.incidents import Incident, check_emergency_ticket
 from portcullis.policy import load_policy
-from portcullis.reviews import REPORT_ARTIFACT_KEY, ReviewStore, render_report
+from portcullis.reviews import REPORT_ARTIFACT_KEY, render_report
 from portcullis.settings import Settings
 from portcullis.sides import Side, require_worker_run
+from portcullis.state import open_state
 from tasks.gates import RunAudit, freeze_checker, freeze_gate, open_audit_log
 
 BUILD_DEPLOYMENT = "build-release/build"
@@ -60,7 +60,7 @@ BUILD_POLL_SECONDS = 1
 
 def _held_by_pin(app: str, environment: str, settings: Settings, audit: RunAudit) -> bool:
     """True (and recorded) when a schedule fired for an environment pinned by a rollback."""
-    pin = PinStore(settings.home / "pins").get(app, environment)
+    pin = open_state(settings).pins.get(app, environment)
     if pin is None:
         return False
     with get_client(sync_client=True) as client:
@@ -278,11 +278,11 @@ def emergency_promote(
 
         incident = check_ticket("run-start")
         target = promoted_image(policy, image, audit)
-        use = TicketUseStore(ticket_store_path(settings.audit_path)).claim(
+        use = open_state(settings).tickets.claim(
             incident.number, str(flow_run.get_id()))
         audit.record("emergency.ticket-claimed", ticket=incident.number, runs=list(use.runs),
                      allowed=use.allowed)
-        review = ReviewStore(settings.home / "reviews").open_review(
+        review = open_state(settings).reviews.open_review(
             ticket=incident.number, app=app, environment="prod", digest=target.digest,
             flow_run_id=str(flow_run.get_id()), skipped_environments=("staging",),
         )
@@ -304,7 +304,7 @@ def post_incident_reviews() -> int:
     """Scheduled: publish the post-incident review status; returns how many are overdue."""
     _side("deploy")
     settings = Settings()
-    store = ReviewStore(settings.home / "reviews")
+    store = open_state(settings).reviews
     now = datetime.now(UTC)
     overdue = store.overdue(now)
     create_markdown_artifact(key=REPORT_ARTIFACT_KEY, markdown=render_report(store.reviews(), now),

@@ -30,13 +30,12 @@ from portcullis.approval import (
     ApprovalOutcome,
     ApprovalSettings,
     ApprovalSubject,
-    FileReplayStore,
     Requester,
-    replay_store_path,
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
-from portcullis.chain import COMPLETED, newest_passed, passed_in
+from portcullis.catalog import catalog_freeze
+from portcullis.chain import newest_passed
 from portcullis.change import Change, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.gitops import GitOpsCommit
@@ -44,6 +43,7 @@ from portcullis.models import BuildResult, Deployment, Frozen, ImageRef
 from portcullis.policy import EnvironmentPolicy, load_policy
 from portcullis.scan import ScanVerdict, Severity
 from portcullis.settings import Settings
+from portcullis.state import replay_store_for
 from portcullis.verification import CheckResult
 from tasks.approval import (
     canary_decision_policy,
@@ -52,6 +52,7 @@ from tasks.approval import (
     requester_for_current_run,
     subject_for_current_run,
 )
+from tasks.board import BoardPublishingLog, publish_board
 from tasks.build import build_image
 from tasks.canary import CanaryReport, rollout, traffic_lease_seconds
 from tasks.deploy import deploy
@@ -64,6 +65,8 @@ from tasks.gates import (
     open_audit_log,
 )
 from tasks.gitops import commit_promotion
+from tasks.progress import StageProgress
+from tasks.promotion import complete_promotion, verify_passed
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -229,7 +232,7 @@ def establish_requester(
     directory = replay = None
     if must_verify or requester_code.strip():
         directory = ApprovalSettings().load_directory()
-        replay = FileReplayStore(replay_store_path(audit.log.path))
+        replay = replay_store_for(audit.log)
     try:
         requester = requester_for_current_run(requested_by, requester_code, directory=directory,
                                               replay=replay, must_verify=must_verify)
@@ -305,7 +308,7 @@ def deploy_side(
     if policy.approval is not None:
         freeze("before-approval")
         outcome: ApprovalOutcome = request_approvals(
-            subject(), policy.approval, ApprovalSettings().load_directory(), audit.log,
+            subject(), policy.approval, ApprovalSettings().load_directory(), BoardPublishingLog(audit.log),
             freeze=None if emergency else frozen, poll_interval=int(settings.approval_poll_seconds),
         )
         approved_by = tuple(a.approver for a in outcome.approvals)
@@ -331,12 +334,11 @@ def deploy_side(
             deployment, canary_report = _canary(
                 image, app, environment, provenance["commit"], deploy_creds, policy, settings,
                 audit, ",".join(approved_by), subject)
-        audit.record(COMPLETED, image=str(image), approved_by=list(approved_by),
-                     url=deployment.url if deployment else None,
-                     container=deployment.container_name if deployment else None,
-                     previous_digest=deployment.previous_digest if deployment else None,
-                     gitops_commit=gitops.sha if gitops else None,
-                     ticket=emergency.ticket if emergency else None)
+        # Signs the promotion record the next environment trusts, then records COMPLETED.
+        complete_promotion(audit, image, policy, checks, approved_by, commit=provenance["commit"],
+                           requested_by=requester.name, deployment=deployment, gitops=gitops,
+                           canary=canary_report, ticket=emergency.ticket if emergency else None,
+                           credentials_block=deploy_block)
 
     result = PromotionResult(
         app=app, environment=environment, image=image, commit=provenance["commit"],
@@ -348,6 +350,7 @@ def deploy_side(
         markdown=summary_markdown(result), key=f"promotion-{app}-{environment}",
         description=f"{app} {image.digest[:19]} promoted to {environment}",
     )
+    publish_board()
     where = deployment.url if deployment else f"GitOps commit {gitops.sha[:12] if gitops else '?'}"
     print(f"{app} {image} promoted to {environment}: {where}")
     return result
@@ -379,14 +382,18 @@ def _canary(
         analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
         return decide_inconclusive_canary(
             subject(), canary_decision_policy(environment, policy.approval, timedelta(hours=1)),
-            ApprovalSettings().load_directory(), audit.log, analysis,
+            ApprovalSettings().load_directory(), BoardPublishingLog(audit.log), analysis,
             poll_interval=int(settings.approval_poll_seconds),
         )
 
+    progress = StageProgress(f"canary-{app}-{environment}", f"canary of {app} {image.digest[:19]} in {environment}",
+                             len(policy.canary.steps))
+    record = progress.tracking(audit.record, "canary.step",
+                               lambda d: f"{d.get('weight')}% of traffic: {d.get('phase')}")
     try:
         return rollout(
             image, app, environment, commit, creds, policy=policy.canary, router=router,
-            provider=provider, record=audit.record, on_inconclusive=person,
+            provider=provider, record=record, on_inconclusive=person,
             approved_by=approved_by, synthetic_load=settings.canary_synthetic_load,
         )
     finally:
@@ -396,7 +403,8 @@ def _canary(
 def start_run(app: str, environment: str, requested_by: str, **details: JsonValue) -> tuple[Settings, EnvironmentPolicy, RunAudit]:
     """Load settings and the environment's policy, open the audit trail, record the start."""
     settings = Settings()
-    policy = load_policy(environment, settings.policy_dir)
+    # The app's own catalog freeze windows add to the environment's (never remove any).
+    policy = catalog_freeze(load_policy(environment, settings.policy_dir), app)
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
     audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
                  **details)
@@ -410,11 +418,14 @@ def refusals_recorded(audit: RunAudit) -> Iterator[None]:
         yield
     except PortcullisError as exc:
         audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
+        publish_board()
         raise
 
 
-def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit) -> ImageRef:
-    """For a promoting environment: the digest, which must have passed the one before."""
+def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit,
+                   deploy_block: str | None = None) -> ImageRef:
+    """For a promoting environment: the digest, which must have passed the one before (a
+    promotion record signed by that environment's deploy side; the audit log proves nothing)."""
     if policy.promote_from is None:
         raise PolicyRefusal(f"{policy.environment} builds from source; it does not take an image")
     if image_ref is None:
@@ -423,8 +434,8 @@ def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunA
         )
     image = ImageRef.parse(image_ref)
     audit.digest = image.digest
-    passed = passed_in(audit.log, image.digest, policy.promote_from)
-    audit.record("chain.checked", passed_in=policy.promote_from, record=passed.seq)
+    passed = verify_passed(image, policy.promote_from, audit.app, deploy_block)
+    audit.record("chain.checked", passed_in=policy.promote_from, record=passed)
     return image
 
 
@@ -479,6 +490,6 @@ def promote(
                                         settings, audit, build_credentials_block)
             target = built.build.image
         else:
-            target = promoted_image(policy, image, audit)
+            target = promoted_image(policy, image, audit, deploy_credentials_block)
         return deploy_side(app, environment, target, built, requester,
                            deploy_credentials_block, settings, policy, audit)

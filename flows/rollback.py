@@ -1,7 +1,8 @@
 """Manual rollback: return an environment to its previous good digest and pin it there.
 
 The previous digest is the one recorded on the serving container when it replaced the
-version before it. It is verified again (signature, provenance, SBOM, scan) before it runs:
+version before it. A Docker-target rollback attaches a signed rollback record to the digest
+(what was rolled back to, from what, and why; see tasks/promotion.py). It is verified again (signature, provenance, SBOM, scan) before it runs:
 a rollback never deploys what would not pass verification today. The pin stops scheduled
 promotions from undoing the rollback until someone clears it with ``clear-pin``.
 """
@@ -19,12 +20,15 @@ from infra.haproxy import Router
 from portcullis.errors import PolicyRefusal
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
-from portcullis.pins import Pin, PinStore
+from portcullis.pins import Pin
 from portcullis.settings import Settings
+from portcullis.state import open_state
+from tasks.board import publish_board
 from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
 from tasks.gates import RunAudit, environment_lock
 from tasks.gitops import revert_promotion
+from tasks.promotion import complete_rollback
 
 Environment = Literal["dev", "staging", "prod"]
 
@@ -80,11 +84,16 @@ def rollback(
             )
             audit.record("rollback.completed", rolled_back_from=live.digest, url=deployment.url,
                          reason=reason, commit_before=live.container.labels.get(LABEL_REVISION))
-        PinStore(settings.home / "pins").pin(Pin(
+            complete_rollback(audit, target, policy, checks, commit=commit,
+                              rolled_back_from=live.digest, reason=reason,
+                              requested_by=requested_by, deployed_to=deployment.url,
+                              credentials_block=deploy_credentials_block)
+        open_state(settings).pins.pin(Pin(
             app=app, environment=environment, digest=target.digest, pinned_by=requested_by,
             reason=reason,
         ))
         audit.record("environment.pinned", actor=requested_by, reason=reason)
+        publish_board()
         print(f"{app} in {environment} rolled back to {target.digest} and pinned")
         return deployment
 
@@ -96,11 +105,12 @@ def _rollback_gitops(app: str, environment: str, reason: str, requested_by: str,
         commit = revert_promotion(environment, reason, flow_run.get_flow_run_ui_url())
         audit.digest = commit.digest
         audit.record("rollback.completed", gitops_commit=commit.sha, reason=reason)
-    PinStore(settings.home / "pins").pin(Pin(
+    open_state(settings).pins.pin(Pin(
         app=app, environment=environment, digest=commit.digest, pinned_by=requested_by,
         reason=reason,
     ))
     audit.record("environment.pinned", actor=requested_by, reason=reason)
+    publish_board()
     return commit
 
 
@@ -113,7 +123,8 @@ def clear_pin(app: str, environment: Environment, requested_by: str) -> str:
     """
     settings, _, audit = start_run(app, environment, requested_by, clear_pin=True)
     with refusals_recorded(audit):
-        pin = PinStore(settings.home / "pins").clear(app, environment)
+        pin = open_state(settings).pins.clear(app, environment)
         audit.digest = pin.digest
         audit.record("environment.unpinned", actor=requested_by, pinned_by=pin.pinned_by)
+        publish_board()
         return pin.digest

@@ -2,6 +2,9 @@
 
 * a cosign-format key pair: the private half goes to the build side only, the public half to
   the deploy side's trust policy;
+* one more key pair per environment for its deploy side's signed promotion records: the
+  private half signs that environment's records, the public half is the trust root the next
+  environment checks them against;
 * a small offline trivy database. trivy normally downloads its database; offline, the stack
   writes one with advisories for the example app's bundled component, so the scan gate has
   something real to decide. Point ``PORTCULLIS_TRIVY_CACHE_DIR`` at a mirrored database for
@@ -35,9 +38,15 @@ DEMO_ADVISORIES = (
 )
 
 
-def ensure_signing_keys(state_dir: Path) -> tuple[str, str, str]:
-    """Create (once) the stack's cosign key pair; return (private PEM, password, public PEM)."""
-    keys = state_dir / "keys"
+ENVIRONMENTS = ("dev", "staging", "prod")
+
+
+def ensure_signing_keys(state_dir: Path, name: str = "") -> tuple[str, str, str]:
+    """Create (once) the stack's cosign key pair; return (private PEM, password, public PEM).
+
+    ``name`` keeps another key pair in its own directory (``keys/NAME``).
+    """
+    keys = state_dir / "keys" / name if name else state_dir / "keys"
     password_file = keys / "cosign.password"
     if not password_file.exists():
         keys.mkdir(parents=True, exist_ok=True)
@@ -51,6 +60,20 @@ def ensure_signing_keys(state_dir: Path) -> tuple[str, str, str]:
         password_file.read_text(),
         (keys / "cosign.pub").read_text(),
     )
+
+
+def ensure_promotion_keys(state_dir: Path) -> dict[str, tuple[str, str, str]]:
+    """Create (once) each environment's promotion key pair (deploy side), never the build's."""
+    return {env: ensure_signing_keys(state_dir, f"promotion-{env}") for env in ENVIRONMENTS}
+
+
+def promotion_env(keys: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    """The deploy side's promotion keys and trust roots as ``PORTCULLIS_DEPLOY_*`` variables."""
+    return {
+        "PORTCULLIS_DEPLOY_PROMOTION_SIGNING_KEYS": json.dumps({e: k[0] for e, k in keys.items()}),
+        "PORTCULLIS_DEPLOY_PROMOTION_KEY_PASSWORDS": json.dumps({e: k[1] for e, k in keys.items()}),
+        "PORTCULLIS_DEPLOY_PROMOTION_TRUST_ROOTS": json.dumps({e: [k[2]] for e, k in keys.items()}),
+    }
 
 
 def ensure_trivy_db(cache_dir: Path) -> Path:

@@ -41,11 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import URL
 
 from infra.daemon import running_pid, start_daemon, stop_daemon, wait_until
 from infra.prefect_server import prefect_env
 from portcullis.errors import ConfigurationError, PortcullisError
 from portcullis.sides import Side, WorkerConfig
+from portcullis.state import BUILD_PRIVILEGES, FLOW_PRIVILEGES, engine_for, install_schema
 from portcullis.toolrun import run_tool
 from portcullis.worker import canonical, locked_base_job_template
 
@@ -102,6 +104,12 @@ ENTRYPOINTS: dict[Side, dict[str, str]] = {
 DB_NAME = "prefect"
 DB_ROLE = "prefect"
 DB_ADMIN = "portcullis_admin"
+#: Portcullis' shared state (audit chain, used codes, pins, reviews, ticket use): a database the
+#: admin owns, used by deploy flows through a role that may only append audit records.
+STATE_DB = "portcullis_state"
+STATE_ROLE = "portcullis_flows"
+#: The build side's role there: it may append audit records and read them, nothing more.
+BUILD_STATE_ROLE = "portcullis_build"
 
 # Client-side Prefect settings and database secrets that must not leak from the shell that
 # runs `up` into a daemon: each daemon gets exactly the Prefect settings set here.
@@ -212,6 +220,8 @@ class _Secrets:
     db_admin_password: str
     db_password: str
     api_auth_string: str
+    state_password: str = ""
+    build_state_password: str = ""
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -224,12 +234,21 @@ def _secrets(state_dir: Path) -> _Secrets:
     """Passwords and the API auth string, generated once per setup, readable by the owner."""
     path = state_dir / "secrets.json"
     if path.exists():
-        return _Secrets(**json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
+        missing = [k for k in ("state_password", "build_state_password") if not stored.get(k)]
+        if not missing:
+            return _Secrets(**stored)
+        # A setup from before the state database: add its passwords, keep the others.
+        made = _Secrets(**{**stored, **{k: secrets.token_urlsafe(24) for k in missing}})
+        _write_private(path, json.dumps(asdict(made)))
+        return made
     made = _Secrets(
         db_admin_password=secrets.token_urlsafe(24),
         db_password=secrets.token_urlsafe(24),
         # Prefect compares the whole "user:password" string sent as HTTP basic auth.
         api_auth_string=f"portcullis:{secrets.token_urlsafe(24)}",
+        state_password=secrets.token_urlsafe(24),
+        build_state_password=secrets.token_urlsafe(24),
     )
     _write_private(path, json.dumps(asdict(made)))
     return made
@@ -395,18 +414,70 @@ def _ensure_postgres(config: ProductionConfig, made: _Secrets) -> int:
         timeout=60,
     )
     # Least privilege: Prefect logs in as a role that owns its database and nothing else.
+    _psql(config, made.db_admin_password, _role_and_database(DB_ROLE, made.db_password, DB_NAME, DB_ROLE))
+    return pid
+
+
+def _role_and_database(role: str, password: str, database: str, owner: str) -> str:
+    """SQL creating login ``role`` and ``database`` owned by ``owner``, each only if missing."""
     # \gexec runs the generated statement only when the role or database is missing.
+    return f"""
+SELECT format('CREATE ROLE {role} LOGIN PASSWORD %L', '{password}')
+  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') \\gexec
+SELECT 'CREATE DATABASE {database} OWNER {owner}'
+  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '{database}') \\gexec
+"""
+
+
+def state_url(config: ProductionConfig, role: str = STATE_ROLE, password: str | None = None) -> URL:
+    """The state database's URL for ``role`` (password only in the URL object, never printed)."""
+    return URL.create(
+        "postgresql+psycopg",
+        username=role,
+        password=password,
+        host="127.0.0.1",
+        port=config.postgres_port,
+        database=STATE_DB,
+    )
+
+
+def _ensure_state_database(config: ProductionConfig, made: _Secrets) -> None:
+    """The state database, its tables, append-only triggers and the flows' role (idempotent)."""
     _psql(
         config,
         made.db_admin_password,
-        f"""
-SELECT format('CREATE ROLE {DB_ROLE} LOGIN PASSWORD %L', '{made.db_password}')
-  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{DB_ROLE}') \\gexec
-SELECT 'CREATE DATABASE {DB_NAME} OWNER {DB_ROLE}'
-  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}') \\gexec
-""",
+        _role_and_database(STATE_ROLE, made.state_password, STATE_DB, DB_ADMIN)
+        + _role_and_database(BUILD_STATE_ROLE, made.build_state_password, STATE_DB, DB_ADMIN)
+        + f"REVOKE ALL ON DATABASE {STATE_DB} FROM PUBLIC;\n"
+        f"GRANT CONNECT ON DATABASE {STATE_DB} TO {STATE_ROLE}, {BUILD_STATE_ROLE};\n",
     )
-    return pid
+    admin = engine_for(state_url(config, DB_ADMIN, made.db_admin_password), create_schema=False)
+    install_schema(admin, {STATE_ROLE: FLOW_PRIVILEGES, BUILD_STATE_ROLE: BUILD_PRIVILEGES})
+
+
+def state_urls(config: ProductionConfig) -> tuple[URL, URL]:
+    """The state database's URL for the deploy flows' role and for the admin, passwords in
+    the URL objects only (never render them with the password)."""
+    made = _secrets(config.state_dir)
+    return (
+        state_url(config, STATE_ROLE, made.state_password),
+        state_url(config, DB_ADMIN, made.db_admin_password),
+    )
+
+
+def ensure_state_store(config: ProductionConfig) -> tuple[URL, URL]:
+    """Only the database part of :func:`up`: the cluster and the state database (idempotent).
+
+    Returns:
+        the state database's URL for the flows' role and for the admin, passwords included
+        (in the URL objects only: never render them with the password).
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.state_dir.chmod(0o711)
+    made = _secrets(config.state_dir)
+    _ensure_postgres(config, made)
+    _ensure_state_database(config, made)
+    return state_urls(config)
 
 
 def _auth_headers(auth_string: str) -> dict[str, str]:
@@ -539,8 +610,23 @@ def worker_config(config: ProductionConfig, side: Side,
         side=side, pool=POOLS[side], name=worker_name(side),
         checkout=Path(chosen.get("PORTCULLIS_REPO_DIR", REPO_ROOT)).resolve(),
         audit_log=Path(chosen.get("PORTCULLIS_AUDIT_LOG", home / "audit" / "audit.jsonl")),
-        deployments=ENTRYPOINTS[side], environment=chosen,
+        deployments=ENTRYPOINTS[side], environment=chosen | _state_settings(config, side),
     )
+
+
+def _state_settings(config: ProductionConfig, side: Side) -> dict[str, str]:
+    """Where ``side``'s flows reach the shared state store, as which role, and the password.
+
+    One audit chain for both sides; only the deploy side's role may touch anything else (used
+    codes, pins, reviews, tickets).
+    """
+    made = _secrets(config.state_dir)
+    role, password = {
+        "build": (BUILD_STATE_ROLE, made.build_state_password),
+        "deploy": (STATE_ROLE, made.state_password),
+    }[side]
+    return {"PORTCULLIS_STATE_URL": state_url(config, role).render_as_string(),
+            "PORTCULLIS_STATE_PASSWORD": password}
 
 
 def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
@@ -582,6 +668,7 @@ def up(config: ProductionConfig, *, reset_pools: bool = False) -> ProductionInfo
     config.state_dir.chmod(0o711)
     made = _secrets(config.state_dir)
     _ensure_postgres(config, made)
+    _ensure_state_database(config, made)
     _ensure_server(config, made)
     notes = [note for side in SIDES
              if (note := _ensure_pool(config, made, POOLS[side], reset_pools)) is not None]

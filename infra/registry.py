@@ -53,6 +53,7 @@ from infra.registry_auth import (
     write_config,
 )
 from portcullis.errors import ConfigurationError, PortcullisError, TransientError
+from portcullis.promotion_record import RECORDS_ROOT
 
 REGISTRY_BINARY = "docker-registry"
 _NAME = "registry"
@@ -66,6 +67,8 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GRANTS: Mapping[str, Grant] = {
     "builder": Grant(Role.PUSH),
     "deployer": Grant(Role.PULL),
+    # The deploy side's promoter: pulls images, pushes signed promotion records only.
+    "promoter": Grant(Role.PROMOTE, records=RECORDS_ROOT),
 }
 _DEFAULT_GRANT = Grant(Role.PULL)
 
@@ -165,7 +168,7 @@ def _grants(users: Mapping[str, str], roles: Mapping[str, Grant | Role] | None) 
 
 
 def _grants_json(grants: Mapping[str, Grant]) -> dict[str, list[str]]:
-    return {u: [g.role.value, g.prefix] for u, g in sorted(grants.items())}
+    return {u: [g.role.value, g.prefix, g.records] for u, g in sorted(grants.items())}
 
 
 def _accounts_match(path: Path, users: Mapping[str, str]) -> bool:
@@ -369,6 +372,7 @@ def start_registry(
                     password_bcrypt=hash_password(p),
                     role=grants[u].role.value,
                     prefix=grants[u].prefix,
+                    records=grants[u].records,
                 )
                 for u, p in users.items()
             },

@@ -18,9 +18,18 @@ The exchange, as the Docker Registry v2 token authentication spec describes it:
    (the spec: an authorization shortfall is not an error here); the registry then refuses
    the request itself. Wrong or missing credentials get 401 and no token.
 
-Roles (:class:`Role`): ``push`` may pull and push, ``pull`` may only pull, anything else may do
-nothing. A :class:`Grant` limits a role to the repositories under a path prefix. Nobody is
-granted ``delete`` or the catalog.
+Roles (:class:`Role`): ``push`` may pull and push, ``pull`` may only pull, ``promote`` may pull
+the images under its prefix and push only to the promotion-record repositories under its
+``records`` prefix (always below :data:`RECORDS_ROOT`), anything else may do nothing. A
+:class:`Grant` limits a role to the repositories under a path prefix. Nobody is granted
+``delete`` or the catalog.
+
+Why a separate repository for promotion records: registry tokens are scoped to a repository,
+never to a tag, so "may push only ``sha256-*.att`` tags of ``portcullis/hello``" cannot be said
+in a token. A deploy side allowed to push to the image repository could push image tags and
+overwrite the build's signatures. Records live under ``promotions/<environment>/<repository>``
+instead (cosign's ``COSIGN_REPOSITORY`` layout), where the promoter may push and nothing is
+ever deployed from.
 
 Run it as its own process: ``python -m infra.registry_auth --config FILE``. It listens on
 127.0.0.1 only and logs each decision (user, scopes asked, scopes granted), never a password
@@ -63,6 +72,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from portcullis.errors import ConfigurationError
+from portcullis.promotion_record import RECORDS_ROOT
 
 log = logging.getLogger("portcullis.registry_auth")
 
@@ -109,6 +119,7 @@ class Role(StrEnum):
 
     PUSH = "push"  # the build side: pull and push (and so sign, which is a push)
     PULL = "pull"  # the deploy side: pull only
+    PROMOTE = "promote"  # a deploy side's promoter: pull images, push only promotion records
     NONE = "none"  # nothing at all
 
     @classmethod
@@ -125,7 +136,8 @@ class Role(StrEnum):
         match self:
             case Role.PUSH:
                 return frozenset({"pull", "push"})
-            case Role.PULL:
+            case Role.PULL | Role.PROMOTE:
+                # PROMOTE's push applies only to its records prefix: see Grant.allowed.
                 return frozenset({"pull"})
             case Role.NONE:
                 return frozenset()
@@ -143,6 +155,7 @@ class Grant:
 
     role: Role
     prefix: str = ""
+    records: str = ""  # PROMOTE only: where it may push, a path under RECORDS_ROOT
 
     def __post_init__(self) -> None:
         prefix = self.prefix.strip("/")
@@ -152,22 +165,41 @@ class Grant:
                 hint="use lowercase path components such as 'portcullis' or 'team/apps'",
             )
         object.__setattr__(self, "prefix", prefix)
+        records = self.records.strip("/")
+        if self.role is Role.PROMOTE:
+            if not _REPO_RE.fullmatch(records) or not _under(records, RECORDS_ROOT):
+                raise ConfigurationError(
+                    f"a promote grant needs a records prefix under {RECORDS_ROOT!r}, "
+                    f"not {self.records!r}",
+                    hint=f"e.g. '{RECORDS_ROOT}' or '{RECORDS_ROOT}/prod'",
+                )
+        elif records:
+            raise ConfigurationError(f"only a promote grant has a records prefix ({self.role.value})")
+        object.__setattr__(self, "records", records)
 
     def covers(self, repository: str) -> bool:
         """Whether ``repository`` lies under this grant's prefix."""
-        return (
-            not self.prefix
-            or repository == self.prefix
-            or (repository.startswith(self.prefix + "/"))
-        )
+        return not self.prefix or _under(repository, self.prefix)
 
     def allowed(self, repository: str) -> frozenset[str]:
         """The actions this grant allows on ``repository``."""
+        if self.role is Role.PROMOTE and _under(repository, self.records):
+            return frozenset({"pull", "push"})
+        if self.role is Role.PROMOTE and _under(repository, RECORDS_ROOT):
+            # Other environments' records: readable (the next environment verifies them),
+            # never writable.
+            return frozenset({"pull"})
         return self.role.actions if self.covers(repository) else frozenset()
 
     def describe(self) -> str:
         """``push on portcullis/*``-style text for logs and errors."""
-        return f"{self.role.value} on {self.prefix + '/*' if self.prefix else 'every repository'}"
+        text = f"{self.role.value} on {self.prefix + '/*' if self.prefix else 'every repository'}"
+        return text + (f", push on {self.records}/*" if self.records else "")
+
+
+def _under(repository: str, prefix: str) -> bool:
+    """``repository`` is ``prefix`` or below it, by whole path components."""
+    return repository == prefix or repository.startswith(prefix + "/")
 
 
 @dataclass(frozen=True)
@@ -246,6 +278,7 @@ class AccountConfig(BaseModel):
     password_bcrypt: str = Field(repr=False, description="bcrypt hash of the password")
     role: str = Field(description="push, pull; any other name grants nothing")
     prefix: str = Field(default="", description="repositories the role covers; '' for all")
+    records: str = Field(default="", description="promote role: where promotion records go")
 
     @field_validator("password_bcrypt")
     @classmethod
@@ -257,7 +290,7 @@ class AccountConfig(BaseModel):
     @property
     def grant(self) -> Grant:
         """The typed grant (an unknown role name becomes :attr:`Role.NONE`)."""
-        return Grant(Role.parse(self.role), self.prefix)
+        return Grant(Role.parse(self.role), self.prefix, self.records)
 
 
 class AuthServiceConfig(BaseModel):

@@ -1,7 +1,7 @@
 """The local stack: everything a promotion needs on one machine.
 
 ``python -m infra.stack up`` brings up (idempotently) a Docker engine, an OCI registry with
-separate build (push) and deploy (pull) accounts, a Prefect server and the locally made base
+separate build (push), deploy (pull) and promoter (push promotion records only) accounts, a Prefect server and the locally made base
 image, then prints where each part listens. ``down`` stops what ``up`` started. State lives in
 ``$PORTCULLIS_HOME`` (default ``.stack/`` in the repository), including generated registry
 passwords (mode 600), and ``.stack/env`` can be sourced by a shell.
@@ -26,8 +26,10 @@ from infra.change_calendar import ensure_calendar, stop_calendar
 from infra.demo_data import (
     ensure_approvers,
     ensure_gitops_repo,
+    ensure_promotion_keys,
     ensure_signing_keys,
     ensure_trivy_db,
+    promotion_env,
     trusted_keys_env,
 )
 from infra.docker_engine import ensure_engine, stop_private_engine
@@ -84,6 +86,8 @@ class StackInfo:
     approvers_file: str
     calendar_url: str
     calendar_token: str
+    promoter_password: str = ""
+    promotion_env: dict[str, str] = field(default_factory=dict)  # keys and trust roots
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -110,6 +114,9 @@ class StackInfo:
             "PORTCULLIS_GITOPS_WORKDIR": f"{self.state_dir}/gitops-work",
             "PORTCULLIS_APPROVERS_FILE": self.approvers_file,
             "PORTCULLIS_DEPLOY_CHANGE_CALENDAR_TOKEN": self.calendar_token,
+            "PORTCULLIS_DEPLOY_PROMOTER_USERNAME": "promoter",
+            "PORTCULLIS_DEPLOY_PROMOTER_PASSWORD": self.promoter_password,
+            **self.promotion_env,
         }
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
@@ -119,9 +126,11 @@ class StackInfo:
 def _accounts(state_dir: Path) -> dict[str, str]:
     """Registry passwords, generated once per stack and kept readable by the owner only."""
     path = state_dir / "secrets.json"
-    if path.exists():
-        return dict(json.loads(path.read_text()))
-    accounts = {"builder": secrets.token_urlsafe(18), "deployer": secrets.token_urlsafe(18)}
+    accounts: dict[str, str] = dict(json.loads(path.read_text())) if path.exists() else {}
+    missing = [a for a in ("builder", "deployer", "promoter") if a not in accounts]
+    if not missing:
+        return accounts
+    accounts.update({a: secrets.token_urlsafe(18) for a in missing})
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -169,6 +178,8 @@ def up(config: StackConfig) -> StackInfo:
         approvers_file=str(approvers),
         calendar_url=calendar_url,
         calendar_token=calendar_token,
+        promoter_password=accounts["promoter"],
+        promotion_env=promotion_env(ensure_promotion_keys(state)),
     )
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"
@@ -197,7 +208,8 @@ def _describe(info: StackInfo) -> str:
     engine = "private dockerd" if info.docker_private else "existing engine"
     lines = [
         f"docker engine   {info.docker_host}  ({engine}, server {info.docker_version})",
-        f"registry        http://{info.registry}  (accounts: builder=push, deployer=pull)",
+        (f"registry        http://{info.registry}  (accounts: builder=push, deployer=pull, "
+        "promoter=push promotions/* only)"),
         f"prefect server  {info.prefect_api_url or 'not started'}",
         f"prometheus      {info.prometheus_url}  (scrapes the HAProxy router and its latency log)",
         f"gitops repo     {info.gitops_repo}  (prod overlays; Argo CD/Flux would apply them)",
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         public = asdict(info)
         for secret in ("build_password", "deploy_password", "cosign_private_key", "cosign_password",
-                       "calendar_token"):
+                       "calendar_token", "promoter_password", "promotion_env"):
             public.pop(secret)
         print(json.dumps(public, indent=2))
     else:

@@ -22,22 +22,26 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import httpx
+import orjson
 from pydantic import Field, JsonValue, SecretStr, ValidationError, field_validator
 
 from portcullis.errors import PortcullisError, TransientError
 from portcullis.models import Frozen
 
 GENESIS_HASH = "0" * 64
+#: Below this size a log is verified in one process: forking costs more than it saves.
+PARALLEL_MIN_BYTES = 8 << 20
 _EVENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -88,6 +92,19 @@ class AuditRecord(AuditEntry):
         return self.model_dump(mode="json")
 
 
+def chain_fields(entry: AuditEntry, seq: int, at: datetime, prev_hash: str) -> dict[str, Any]:
+    """The JSON fields of ``entry`` as record ``seq`` after ``prev_hash``, ``hash`` included."""
+    # Serialise through the model so the hashed JSON is exactly what parsing the record
+    # back produces (datetime formatting included).
+    draft = AuditRecord(
+        **entry.model_dump(), seq=seq, at=at.astimezone(UTC), prev_hash=prev_hash,
+        hash=GENESIS_HASH,
+    )
+    body = draft.fields()
+    body["hash"] = record_hash(body)
+    return body
+
+
 class AuditSink(ABC):
     """Somewhere records are copied to after the local chain accepted them."""
 
@@ -115,6 +132,8 @@ class HttpAuditSink(AuditSink):
 
     def emit(self, record: AuditRecord) -> None:
         """POST the record; a network error or non-2xx answer is a :class:`TransientError`."""
+        import httpx  # here, not at the top: it costs the verify CLI a second of start-up
+
         try:
             response = httpx.post(
                 self.url,
@@ -208,7 +227,36 @@ def _last_line(path: Path) -> bytes | None:
         return chunk[:-1].rsplit(b"\n", 1)[-1]
 
 
-class AuditLog:
+class AuditTrail(ABC):
+    """Where decisions are recorded: the JSONL :class:`AuditLog` or a database store.
+
+    Every implementation chains records with :func:`record_hash`, so a record verifies the
+    same way wherever it is kept.
+    """
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the records are, for messages (a path or a URL without its password)."""
+
+    @abstractmethod
+    def append(self, entry: AuditEntry) -> AuditRecord:
+        """Chain ``entry`` to the last record and keep it durably; returns the record."""
+
+    @abstractmethod
+    def records(self) -> list[AuditRecord]:
+        """Every record in order (does not verify the chain: use :meth:`verify`)."""
+
+    @abstractmethod
+    def verify(self) -> VerifyReport:
+        """Verify every record's hash, sequence number and link to the record before."""
+
+    def run_records(self, run_id: str) -> list[AuditRecord]:
+        """One flow run's records, in order (not verified: use :meth:`verify`)."""
+        return [r for r in self.records() if r.run_id == run_id]
+
+
+class AuditLog(AuditTrail):
     """The local append-only JSONL chain, with optional mirrors.
 
     Args:
@@ -230,6 +278,11 @@ class AuditLog:
         self.anchor_path = anchor_path or default_anchor_path(path)
         self._clock = clock
         self._lock_path = path.with_name(path.name + ".lock")
+
+    @property
+    def location(self) -> str:
+        """The JSONL file."""
+        return str(self.path)
 
     def append(self, entry: AuditEntry) -> AuditRecord:
         """Chain ``entry`` to the last record, write it durably, then copy it to the mirrors.
@@ -257,17 +310,7 @@ class AuditLog:
                         hint=f"run `python -m portcullis.audit verify {self.path}`",
                     ) from None
                 seq, prev = previous.seq + 1, previous.hash
-            # Serialise through the model so the hashed JSON is exactly what parsing the
-            # line back produces (datetime formatting included).
-            draft = AuditRecord(
-                **entry.model_dump(),
-                seq=seq,
-                at=self._clock().astimezone(UTC),
-                prev_hash=prev,
-                hash=GENESIS_HASH,
-            )
-            body = draft.fields()
-            body["hash"] = record_hash(body)
+            body = chain_fields(entry, seq, self._clock(), prev)
             record = AuditRecord.model_validate(body)
             line = canonical_json(body) + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -297,6 +340,83 @@ class AuditLog:
         # anchor would otherwise look like one written without the anchor.
         with file_lock(self._lock_path):
             return verify_log(self.path, self.anchor_path if self.anchor_path.exists() else None)
+
+
+_HASH_MEMBER = b',"hash":"'
+_RECORD_ORDER = ("actor", "app", "at", "commit", "details", "digest", "environment", "event",
+                 "hash", "prev_hash", "run_id", "seq")
+assert sorted(_RECORD_ORDER) == sorted(AuditRecord.model_fields) == list(_RECORD_ORDER)
+_TEXT = (str, type(None))
+_NESTED = (float, dict, list)
+_AT_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z$")
+
+
+def _holds_float(value: object) -> bool:
+    """Whether a parsed JSON value holds a float anywhere (orjson and the standard library
+    may print a float differently, e.g. 1e16 / 1e+16)."""
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is dict:
+        for item in value.values():  # type: ignore[attr-defined]
+            if _holds_float(item):
+                return True
+    elif kind is list:
+        for item in value:  # type: ignore[attr-defined]
+            if _holds_float(item):
+                return True
+    return False
+
+
+def _fast_line(raw: bytes, index: int, prev_hash: str) -> str | None:
+    """The hash of an intact line at ``index`` after ``prev_hash``, as the writer writes them;
+    None whenever anything is unusual (then :func:`_check_line` decides and explains).
+
+    Accepts only what :func:`_check_line` accepts. The line must be byte for byte the
+    canonical JSON of what it parses to, so its hash (over the canonical JSON without
+    ``hash``) is the SHA-256 of the line with the ``hash`` member cut out; no float may occur
+    (the one type whose printing differs between orjson and the standard library); and the
+    fields must pass a stricter check than :class:`AuditRecord` applies.
+    """
+    body = raw[:-1]
+    if raw[-1:] != b"\n":
+        return None
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(fields) is not dict or orjson.dumps(fields, option=orjson.OPT_SORT_KEYS) != body:
+        return None
+    stored = fields.get("hash")
+    # The top-level member is the last "hash" member: only prev_hash, run_id, seq sort after it.
+    cut = body.rfind(_HASH_MEMBER)
+    if type(stored) is not str or len(stored) != 64 or cut < 0 \
+            or body[cut + 9:cut + 74] != stored.encode() + b'"':
+        return None
+    digest = hashlib.sha256(body[:cut])
+    digest.update(body[cut + 74:])
+    if digest.hexdigest() != stored:
+        return None
+    # The writer writes every field; the line is canonical, so the values come in key order.
+    if tuple(fields) != _RECORD_ORDER:
+        return None
+    (actor, app, at, commit, details, image, environment, event, _, prev, run_id,
+     seq) = fields.values()
+    if type(seq) is not int or seq != index or prev != prev_hash or type(details) is not dict \
+            or type(event) is not str or not _EVENT_RE.fullmatch(event) \
+            or type(actor) is not str or not actor or type(at) is not str \
+            or not _AT_RE.fullmatch(at) or type(app) not in _TEXT or type(commit) not in _TEXT \
+            or type(image) not in _TEXT or type(environment) not in _TEXT \
+            or type(run_id) not in _TEXT:
+        return None
+    for value in details.values():
+        if type(value) in _NESTED and _holds_float(value):
+            return None
+    try:
+        datetime.fromisoformat(at)
+    except ValueError:
+        return None
+    return stored
 
 
 def _check_line(index: int, raw: bytes, prev_hash: str) -> tuple[str | None, str]:
@@ -335,25 +455,91 @@ def _check_line(index: int, raw: bytes, prev_hash: str) -> tuple[str | None, str
     return None, stored
 
 
-def verify_log(path: Path, anchor_path: Path | None = None) -> VerifyReport:
+class _Span(NamedTuple):
+    """What one stretch of lines verified to: how far, the last hash, or the first break."""
+
+    next_index: int  # index after the last line read
+    last_hash: str
+    broken: int | None = None
+    reason: str = ""
+
+
+def _verify_span(path: Path, start: int, end: int | None, first_index: int, prev: str) -> _Span:
+    """Verify the lines that begin in bytes [start, end) of ``path``; the first is line
+    ``first_index`` and must chain to ``prev``."""
+    index = first_index
+    with path.open("rb", buffering=1 << 20) as f:
+        f.seek(start)
+        position = start
+        for raw in f:
+            if end is not None and position >= end:
+                break
+            position += len(raw)
+            fast = _fast_line(raw, index, prev)
+            if fast is None:
+                reason, fast = _check_line(index, raw, prev)
+                if reason is not None:
+                    return _Span(index, prev, index, reason)
+            prev = fast
+            index += 1
+    return _Span(index, prev)
+
+
+def _span_args(path: Path, workers: int) -> list[tuple[Path, int, int | None, int, str]]:
+    """Split the log at line boundaries into ``workers`` spans, each with its first line's
+    index and the hash its first line must chain to (the stored hash of the line before:
+    if that line is broken, an earlier span reports it first)."""
+    data = path.read_bytes()
+    size = len(data)
+    bounds = [0]
+    for j in range(1, workers):
+        cut = data.find(b"\n", size * j // workers)
+        if cut < 0 or cut + 1 >= size or cut + 1 <= bounds[-1]:
+            break
+        bounds.append(cut + 1)
+    spans: list[tuple[Path, int, int | None, int, str]] = []
+    index = 0
+    for start, end in zip(bounds, [*bounds[1:], size], strict=True):
+        prev = GENESIS_HASH
+        if start:
+            line = data[data.rfind(b"\n", 0, start - 1) + 1:start - 1]
+            try:
+                stored = orjson.loads(line).get("hash")
+            except (orjson.JSONDecodeError, AttributeError):
+                stored = None
+            prev = stored if isinstance(stored, str) else ""
+        spans.append((path, start, end if end < size else None, index, prev))
+        index += data.count(b"\n", start, end)
+    return spans
+
+
+def _verify_span_args(args: tuple[Path, int, int | None, int, str]) -> _Span:
+    return _verify_span(*args)
+
+
+def verify_log(path: Path, anchor_path: Path | None = None, *, workers: int = 1) -> VerifyReport:
     """Verify every record's hash, sequence and link, then the anchor if one is given.
 
     Args:
         path: the JSONL log.
         anchor_path: the separately kept head; without it a cut-off tail cannot be detected.
+        workers: processes to verify stretches of a large log in parallel (forked: only from
+            a single-threaded program such as the CLI). The answer is the same as with one.
 
     Returns:
         a report naming the first broken record (0-based index, = line number - 1).
     """
-    prev = GENESIS_HASH
-    count = 0
-    with path.open("rb") as f:
-        for index, raw in enumerate(f):
-            reason, digest = _check_line(index, raw, prev)
-            if reason is not None:
-                return VerifyReport(ok=False, count=index, first_broken=index, reason=reason)
-            prev = digest
-            count = index + 1
+    if workers > 1 and path.stat().st_size >= PARALLEL_MIN_BYTES:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            spans = list(pool.map(_verify_span_args, _span_args(path, workers)))
+    else:
+        spans = [_verify_span(path, 0, None, 0, GENESIS_HASH)]
+    for span in spans:
+        if span.broken is not None:
+            return VerifyReport(ok=False, count=span.broken, first_broken=span.broken,
+                                reason=span.reason)
+    count, prev = spans[-1].next_index, spans[-1].last_hash
     if anchor_path is None:
         return VerifyReport(
             ok=True,
@@ -396,25 +582,17 @@ def verify_log(path: Path, anchor_path: Path | None = None) -> VerifyReport:
     return VerifyReport(ok=True, count=count)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m portcullis.audit verify PATH [--anchor FILE | --no-anchor]``.
+def _is_url(target: str) -> bool:
+    return "://" in target
 
-    Returns:
-        0 when the chain is intact, 1 when it is broken, 2 when it cannot be read.
-    """
-    parser = argparse.ArgumentParser(prog="python -m portcullis.audit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="verify a tamper-evident audit log")
-    verify.add_argument("path", type=Path)
-    verify.add_argument("--anchor", type=Path, help="head anchor file (default: PATH.head)")
-    verify.add_argument(
-        "--no-anchor", action="store_true", help="skip the anchor (tail cuts go unnoticed)"
-    )
-    args = parser.parse_args(argv)
-    path: Path = args.path
+
+
+def _verify_jsonl(path: Path, anchor_arg: Path | None, no_anchor: bool,
+                  workers: int = 1) -> VerifyReport | int:
+    """Verify a JSONL log as the CLI does; an int is the exit code of a refusal to run."""
     anchor: Path | None = None
-    if not args.no_anchor:
-        anchor = args.anchor or default_anchor_path(path)
+    if not no_anchor:
+        anchor = anchor_arg or default_anchor_path(path)
         if not anchor.exists():
             print(
                 f"error: anchor {anchor} not found; pass --anchor FILE, or --no-anchor "
@@ -423,20 +601,83 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     try:
-        report = verify_log(path, anchor)
+        return verify_log(path, anchor, workers=workers)
     except OSError as exc:
         print(f"error: cannot read {path}: {exc}", file=sys.stderr)
         return 2
+
+
+def _print_report(report: VerifyReport, where: str, *, lines: bool) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.ok:
         print(f"OK: {report.count} record(s), chain intact")
         return 0
-    print(
-        f"BROKEN: record {report.first_broken} (line {(report.first_broken or 0) + 1}) "
-        f"of {path}: {report.reason}"
-    )
+    line = f" (line {(report.first_broken or 0) + 1})" if lines else ""
+    print(f"BROKEN: record {report.first_broken}{line} of {where}: {report.reason}")
     return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m portcullis.audit verify [PATH|URL]`` and ``import PATH [--to URL]``.
+
+    ``verify`` reads a JSONL log (with its anchor) or, given a URL or nothing, the state store
+    (default: this worker's ``PORTCULLIS_STATE_URL``; the password from
+    ``PORTCULLIS_STATE_PASSWORD`` or ``PGPASSWORD``, never the command line). ``import``
+    verifies a JSONL log and copies it into an empty store, then verifies the store.
+
+    Returns:
+        0 when the chain is intact, 1 when it is broken, 2 when it cannot be read.
+    """
+    # Imported here: the state store builds on this module.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from portcullis.settings import Settings
+    from portcullis.state import open_state_url
+
+    parser = argparse.ArgumentParser(prog="python -m portcullis.audit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="verify a tamper-evident audit log or store")
+    verify.add_argument(
+        "target", nargs="?", help="a JSONL log or a store URL (default: the configured store)"
+    )
+    importing = sub.add_parser("import", help="copy a verified JSONL log into an empty store")
+    importing.add_argument("target", type=Path, help="the JSONL log")
+    importing.add_argument("--to", dest="url", help="store URL (default: the configured store)")
+    for command in (verify, importing):
+        command.add_argument("--anchor", type=Path, help="head anchor file (default: PATH.head)")
+        command.add_argument(
+            "--no-anchor", action="store_true", help="skip the anchor (tail cuts go unnoticed)"
+        )
+        command.add_argument(
+            "--workers", type=int, default=min(os.cpu_count() or 1, 4),
+            help="processes for a large JSONL log (default: the CPUs, at most 4); 1 verifies in one",
+        )
+    args = parser.parse_args(argv)
+    if args.command == "verify" and args.target and not _is_url(args.target):
+        path = Path(args.target)
+        checked = _verify_jsonl(path, args.anchor, args.no_anchor, args.workers)
+        return checked if isinstance(checked, int) else _print_report(checked, str(path), lines=True)
+    url = (args.target if args.command == "verify" else args.url) or Settings().state_database_url
+    store = open_state_url(url).audit_log()
+    try:
+        if args.command == "import":
+            checked = _verify_jsonl(args.target, args.anchor, args.no_anchor, args.workers)
+            if isinstance(checked, int):
+                return checked
+            if not checked.ok:
+                return _print_report(checked, str(args.target), lines=True)
+            with args.target.open("rb") as lines:
+                count = store.import_records(lines)
+            print(f"imported {count} record(s) from {args.target} into {store.location}")
+        report = store.verify()
+    except PortcullisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"error: cannot read {store.location}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return _print_report(report, store.location, lines=False)
 
 
 if __name__ == "__main__":
@@ -450,9 +691,11 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditSink",
+    "AuditTrail",
     "HttpAuditSink",
     "VerifyReport",
     "canonical_json",
+    "chain_fields",
     "default_anchor_path",
     "file_lock",
     "record_hash",

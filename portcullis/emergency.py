@@ -12,15 +12,14 @@ from datetime import datetime
 
 from portcullis.approval import (
     ApprovalSettings,
-    FileReplayStore,
-    replay_store_path,
     verify_requester,
 )
-from portcullis.audit import AuditEntry, AuditLog
+from portcullis.audit import AuditEntry
 from portcullis.errors import PolicyRefusal
-from portcullis.incidents import TicketUse, TicketUseStore, ticket_store_path
+from portcullis.incidents import TicketUse
 from portcullis.policy import load_policy
 from portcullis.settings import Settings
+from portcullis.state import open_state
 
 
 def reauthorise_ticket(
@@ -36,15 +35,15 @@ def reauthorise_ticket(
     if policy.emergency_approval is None:
         raise PolicyRefusal("prod has no emergency path in its policy")
     directory = ApprovalSettings().load_directory()
-    audit = AuditLog(settings.audit_path)
-    person = verify_requester(directory, approver, code, at,
-                              FileReplayStore(replay_store_path(settings.audit_path)))
+    state = open_state(settings)
+    audit = state.audit_log()
+    person = verify_requester(directory, approver, code, at, state.replay)
     enrolled = directory.get(person.name)
     if enrolled is None or not policy.emergency_approval.may_approve(enrolled):
         groups = ", ".join(policy.emergency_approval.eligible_groups) or "any"
         raise PolicyRefusal(f"{person.name} may not re-authorise emergency tickets "
                             f"(eligible groups: {groups})")
-    use = TicketUseStore(ticket_store_path(settings.audit_path)).reauthorise(
+    use = state.tickets.reauthorise(
         ticket, person.name, reason, at)
     audit.append(AuditEntry(event="emergency.ticket-reauthorised", actor=person.name,
                             environment="prod", details={"ticket": use.ticket, "reason": reason,

@@ -41,6 +41,7 @@ class VerifiedEvidence:
 
     signer: str
     statement: Mapping[str, Any] = field(repr=False)
+    attestation: str = ""  # digest of the signed envelope or bundle, where one is known
 
     @property
     def predicate(self) -> Mapping[str, Any]:
@@ -106,7 +107,8 @@ class KeyPairVerifier:
             found = cosign_format.verify_attestations(self._client, image, self._keys, predicate_type)
         except VerificationFailed:
             return []
-        return [VerifiedEvidence("key:" + a.key_id[:16], a.statement) for a in found]
+        return [VerifiedEvidence("key:" + a.key_id[:16], a.statement, a.envelope_digest)
+                for a in found]
 
 
 class KeylessEvidenceSigner:
@@ -152,7 +154,7 @@ class KeylessEvidenceVerifier:
         self._client = client
         self._verifiers = list(verifiers)
 
-    def _bundles(self, image: ImageRef, kind: str) -> list[tuple[bytes, bytes | None]]:
+    def _bundles(self, image: ImageRef, kind: str) -> list[tuple[bytes, bytes | None, str]]:
         found = []
         for ref in self._client.list_referrers(image.repository, image.digest,
                                                artifact_type=BUNDLE_MEDIA_TYPE):
@@ -166,7 +168,8 @@ class KeylessEvidenceVerifier:
             blobs = {lay["mediaType"]: self._client.get_blob(image.repository, lay["digest"])
                      for lay in layers}
             if BUNDLE_MEDIA_TYPE in blobs:
-                found.append((blobs[BUNDLE_MEDIA_TYPE], blobs.get(SIMPLESIGNING_MEDIA_TYPE)))
+                found.append((blobs[BUNDLE_MEDIA_TYPE], blobs.get(SIMPLESIGNING_MEDIA_TYPE),
+                              ref.digest))
         return found
 
     def verify_signature(self, image: ImageRef) -> str:
@@ -174,7 +177,7 @@ class KeylessEvidenceVerifier:
         if not self._verifiers:
             raise VerificationFailed("signature", image.digest, "no trusted identities were given")
         reasons = []
-        for bundle, payload in self._bundles(image, "signature"):
+        for bundle, payload, _ in self._bundles(image, "signature"):
             for verifier in self._verifiers:
                 try:
                     ok = verifier.verify_image_signature(bundle, payload or b"", digest=image.digest)
@@ -190,7 +193,7 @@ class KeylessEvidenceVerifier:
     def statements(self, image: ImageRef, predicate_type: str) -> list[VerifiedEvidence]:
         """Verified statements of ``predicate_type`` about this digest."""
         out = []
-        for bundle, _ in self._bundles(image, predicate_type):
+        for bundle, _, where in self._bundles(image, predicate_type):
             for verifier in self._verifiers:
                 try:
                     st = verifier.verify_statement(bundle, digest=image.digest,
@@ -198,7 +201,7 @@ class KeylessEvidenceVerifier:
                 except VerificationFailed:
                     continue
                 out.append(VerifiedEvidence(f"{st.signer.identity} ({st.signer.issuer})",
-                                            st.statement))
+                                            st.statement, where))
                 break
         return out
 

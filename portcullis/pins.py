@@ -49,6 +49,12 @@ class PinStore:
         except FileNotFoundError:
             return None
 
+    def all(self) -> list[Pin]:
+        """Every pin in force."""
+        if not self.directory.exists():
+            return []
+        return [Pin.model_validate_json(p.read_bytes()) for p in sorted(self.directory.glob("*--*.json"))]
+
     def pin(self, pin: Pin) -> None:
         """Set (or replace) a pin."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)

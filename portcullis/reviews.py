@@ -9,8 +9,9 @@ The store is an append-only JSON-lines file in a directory (``reviews.jsonl``): 
 line per review and a ``closed`` line when it is closed; the current state is folded from the
 lines. Writers take an exclusive lock on ``reviews.lock``.
 
-Run ``python -m portcullis.reviews list|overdue|close`` against a store directory
-(``--dir`` or ``PORTCULLIS_REVIEWS_DIR``).
+Run ``python -m portcullis.reviews list|overdue|close`` against the configured state store
+(:mod:`portcullis.state`, ``PORTCULLIS_STATE_URL``), where the flows keep reviews, or against a
+file store directory (``--dir`` or ``PORTCULLIS_REVIEWS_DIR``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import enum
 import json
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,7 +104,136 @@ def _aware(now: datetime | None) -> datetime:
     return now
 
 
-class ReviewStore:
+class CloseRequest(Frozen):
+    """A checked request to close the open reviews of one ticket."""
+
+    ticket: str
+    closed_by: str
+    notes: str
+    closed_at: AwareDatetime
+
+    def apply(self, review: PostIncidentReview) -> PostIncidentReview:
+        """``review`` as closed by this request."""
+        return review.model_copy(
+            update={"closed_at": self.closed_at, "closed_by": self.closed_by, "notes": self.notes}
+        )
+
+
+class ReviewBook(ABC):
+    """Post-incident reviews wherever they are kept: the rules, over three storage steps.
+
+    :class:`ReviewStore` keeps them in a file; :mod:`portcullis.state` in the shared database.
+    """
+
+    @abstractmethod
+    def reviews(self) -> tuple[PostIncidentReview, ...]:
+        """Every review, open and closed, in the order they were opened."""
+
+    @abstractmethod
+    def _add(self, review: PostIncidentReview) -> PostIncidentReview:
+        """Keep ``review`` unless one with its id exists; return the one kept."""
+
+    @abstractmethod
+    def _close(self, request: CloseRequest) -> list[PostIncidentReview]:
+        """Close every open review of ``request.ticket`` atomically; return those closed."""
+
+    def for_ticket(self, ticket: str) -> tuple[PostIncidentReview, ...]:
+        """The reviews opened under ``ticket``."""
+        wanted = ticket.strip().upper()
+        return tuple(r for r in self.reviews() if r.ticket == wanted)
+
+    def open_review(
+        self,
+        *,
+        ticket: str,
+        app: str,
+        environment: str,
+        digest: str,
+        flow_run_id: str,
+        skipped_environments: tuple[str, ...] = (),
+        now: datetime | None = None,
+    ) -> PostIncidentReview:
+        """Open the review of one emergency deployment, due 48 hours from ``now``.
+
+        Opening the same ticket and flow run again (a retried task) returns the existing
+        review unchanged.
+
+        Args:
+            ticket: the incident ticket the deploy was made under.
+            app: the deployed app.
+            environment: where it was deployed.
+            digest: the deployed image digest.
+            flow_run_id: the emergency flow run.
+            skipped_environments: environments the change did not pass through.
+            now: when the review opens; default the current time.
+
+        Returns:
+            The open review.
+        """
+        opened_at = _aware(now)
+        return self._add(
+            PostIncidentReview(
+                ticket=ticket.strip().upper(),
+                app=app,
+                environment=environment,
+                digest=digest,
+                flow_run_id=flow_run_id,
+                skipped_environments=skipped_environments,
+                opened_at=opened_at,
+                due_at=opened_at + REVIEW_WINDOW,
+            )
+        )
+
+    def close_review(
+        self, ticket: str, *, closed_by: str, notes: str, now: datetime | None = None
+    ) -> tuple[PostIncidentReview, ...]:
+        """Close every open review under ``ticket``: the incident has been reviewed.
+
+        Args:
+            ticket: the incident ticket.
+            closed_by: who held the review.
+            notes: what the review found (where the write-up lives, follow-up actions).
+            now: when it was closed; default the current time.
+
+        Returns:
+            The reviews this call closed.
+
+        Raises:
+            PolicyRefusal: no one named, no notes, or no open review under ``ticket``.
+        """
+        closed_at = _aware(now)
+        number = ticket.strip().upper()
+        if not closed_by.strip():
+            raise PolicyRefusal(
+                f"closing the review of {number} needs the name of who held it",
+                hint="pass --by NAME",
+            )
+        if not notes.strip():
+            raise PolicyRefusal(
+                f"closing the review of {number} needs notes",
+                hint="say what the review found, or link the write-up",
+            )
+        closed = self._close(
+            CloseRequest(
+                ticket=number, closed_by=closed_by.strip(), notes=notes.strip(),
+                closed_at=closed_at,
+            )
+        )
+        if not closed:
+            raise PolicyRefusal(
+                f"there is no open post-incident review for {number}",
+                hint="`python -m portcullis.reviews list` shows what is open",
+            )
+        return tuple(closed)
+
+    def overdue(self, now: datetime) -> tuple[PostIncidentReview, ...]:
+        """Open reviews whose due time has passed at ``now``, most overdue first."""
+        at = _aware(now)
+        late = [r for r in self.reviews() if r.status(at) is ReviewStatus.OVERDUE]
+        return tuple(sorted(late, key=lambda r: r.due_at))
+
+
+class ReviewStore(ReviewBook):
     """Post-incident reviews kept in ``directory`` (created on first write, mode 0700).
 
     Args:
@@ -171,50 +302,7 @@ class ReviewStore:
         with file_lock(self._lock):
             return tuple(self._read().values())
 
-    def for_ticket(self, ticket: str) -> tuple[PostIncidentReview, ...]:
-        """The reviews opened under ``ticket``."""
-        wanted = ticket.strip().upper()
-        return tuple(r for r in self.reviews() if r.ticket == wanted)
-
-    def open_review(
-        self,
-        *,
-        ticket: str,
-        app: str,
-        environment: str,
-        digest: str,
-        flow_run_id: str,
-        skipped_environments: tuple[str, ...] = (),
-        now: datetime | None = None,
-    ) -> PostIncidentReview:
-        """Open the review of one emergency deployment, due 48 hours from ``now``.
-
-        Opening the same ticket and flow run again (a retried task) returns the existing
-        review unchanged.
-
-        Args:
-            ticket: the incident ticket the deploy was made under.
-            app: the deployed app.
-            environment: where it was deployed.
-            digest: the deployed image digest.
-            flow_run_id: the emergency flow run.
-            skipped_environments: environments the change did not pass through.
-            now: when the review opens; default the current time.
-
-        Returns:
-            The open review.
-        """
-        opened_at = _aware(now)
-        review = PostIncidentReview(
-            ticket=ticket.strip().upper(),
-            app=app,
-            environment=environment,
-            digest=digest,
-            flow_run_id=flow_run_id,
-            skipped_environments=skipped_environments,
-            opened_at=opened_at,
-            due_at=opened_at + REVIEW_WINDOW,
-        )
+    def _add(self, review: PostIncidentReview) -> PostIncidentReview:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with file_lock(self._lock):
             existing = self._read().get(review.review_id)
@@ -223,69 +311,23 @@ class ReviewStore:
             self._append(_Opened(review=review))
         return review
 
-    def close_review(
-        self, ticket: str, *, closed_by: str, notes: str, now: datetime | None = None
-    ) -> tuple[PostIncidentReview, ...]:
-        """Close every open review under ``ticket``: the incident has been reviewed.
-
-        Args:
-            ticket: the incident ticket.
-            closed_by: who held the review.
-            notes: what the review found (where the write-up lives, follow-up actions).
-            now: when it was closed; default the current time.
-
-        Returns:
-            The reviews this call closed.
-
-        Raises:
-            PolicyRefusal: no one named, no notes, or no open review under ``ticket``.
-        """
-        closed_at = _aware(now)
-        number = ticket.strip().upper()
-        if not closed_by.strip():
-            raise PolicyRefusal(
-                f"closing the review of {number} needs the name of who held it",
-                hint="pass --by NAME",
-            )
-        if not notes.strip():
-            raise PolicyRefusal(
-                f"closing the review of {number} needs notes",
-                hint="say what the review found, or link the write-up",
-            )
+    def _close(self, request: CloseRequest) -> list[PostIncidentReview]:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         closed: list[PostIncidentReview] = []
         with file_lock(self._lock):
             for review in self._read().values():
-                if review.ticket != number or review.closed_at is not None:
+                if review.ticket != request.ticket or review.closed_at is not None:
                     continue
-                line = _Closed(
-                    review_id=review.review_id,
-                    closed_at=closed_at,
-                    closed_by=closed_by.strip(),
-                    notes=notes.strip(),
-                )
-                self._append(line)
-                closed.append(
-                    review.model_copy(
-                        update={
-                            "closed_at": line.closed_at,
-                            "closed_by": line.closed_by,
-                            "notes": line.notes,
-                        }
+                self._append(
+                    _Closed(
+                        review_id=review.review_id,
+                        closed_at=request.closed_at,
+                        closed_by=request.closed_by,
+                        notes=request.notes,
                     )
                 )
-        if not closed:
-            raise PolicyRefusal(
-                f"there is no open post-incident review for {number}",
-                hint="`python -m portcullis.reviews list` shows what is open",
-            )
-        return tuple(closed)
-
-    def overdue(self, now: datetime) -> tuple[PostIncidentReview, ...]:
-        """Open reviews whose due time has passed at ``now``, most overdue first."""
-        at = _aware(now)
-        late = [r for r in self.reviews() if r.status(at) is ReviewStatus.OVERDUE]
-        return tuple(sorted(late, key=lambda r: r.due_at))
+                closed.append(request.apply(review))
+        return closed
 
 
 def _cell(text: str) -> str:
@@ -377,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir",
         type=Path,
         default=os.environ.get("PORTCULLIS_REVIEWS_DIR"),
-        help="store directory (default: $PORTCULLIS_REVIEWS_DIR)",
+        help="a file store directory (default: $PORTCULLIS_REVIEWS_DIR, else the state store)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the report of open and overdue reviews")
@@ -387,9 +429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     close.add_argument("--by", required=True, help="who held the review")
     close.add_argument("--notes", required=True, help="what it found, or a link to it")
     args = parser.parse_args(argv)
+    store: ReviewBook
     if args.dir is None:
-        parser.error("no store directory: pass --dir or set PORTCULLIS_REVIEWS_DIR")
-    store = ReviewStore(Path(args.dir))
+        # Imported here: the state store builds on this module.
+        from portcullis.settings import Settings
+        from portcullis.state import open_state
+
+        store = open_state(Settings()).reviews
+    else:
+        store = ReviewStore(Path(args.dir))
     now = datetime.now(UTC)
     try:
         if args.command == "list":

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,15 @@ class Settings(BaseSettings):
     )
     audit_log: Path | None = Field(
         default=None, description="the local audit log (default: <home>/audit/audit.jsonl)"
+    )
+    state_url: str | None = Field(
+        default=None,
+        description="the shared state store (audit chain, used codes, pins, reviews, tickets): "
+        "sqlite:///PATH or postgresql+psycopg://ROLE@HOST:PORT/DB, without the password "
+        "(default: sqlite:///<home>/state.db)",
+    )
+    state_password: SecretStr | None = Field(
+        default=None, description="the state store role's password (deploy side only)"
     )
 
     traffic_dir: Path | None = Field(
@@ -63,6 +73,14 @@ class Settings(BaseSettings):
     def scratch(self) -> Path:
         """The scratch directory."""
         return self.work_dir or self.home / "work"
+
+    @property
+    def state_database_url(self) -> URL:
+        """The state store's URL, password included (never log it: render with hide_password)."""
+        url = make_url(self.state_url or f"sqlite:///{self.home / 'state.db'}")
+        if self.state_password is not None:
+            url = url.set(password=self.state_password.get_secret_value())
+        return url
 
     @property
     def audit_path(self) -> Path:

@@ -25,6 +25,8 @@ class CheckResult(Frozen):
     check: str
     detail: str
     facts: dict[str, str] = Field(default_factory=dict, description="structured findings")
+    signer: str = Field(default="", description="the trusted key or identity that signed it")
+    attestation: str = Field(default="", description="digest of the signed attestation, if any")
 
 
 class Check(Protocol):
@@ -46,7 +48,8 @@ class SignatureCheck:
 
     def verify(self, image: ImageRef, evidence: EvidenceVerifier) -> list[CheckResult]:
         """Verify the image signature."""
-        return [CheckResult(check=self.name, detail=f"signed by {evidence.verify_signature(image)}")]
+        signer = evidence.verify_signature(image)
+        return [CheckResult(check=self.name, detail=f"signed by {signer}", signer=signer)]
 
 
 def _one(image: ImageRef, evidence: EvidenceVerifier, check: str, predicate_type: str) -> list[VerifiedEvidence]:
@@ -97,7 +100,8 @@ class ProvenanceCheck:
                 commit = str(source.get("commit", ""))
                 facts = {"repository": str(repo), "ref": ref, "commit": commit,
                          "author": str(source.get("author", "")), "signer": found.signer}
-                return [CheckResult(check=self.name, facts=facts,
+                return [CheckResult(check=self.name, facts=facts, signer=found.signer,
+                                    attestation=found.attestation,
                                     detail=f"{repo} {ref} @ {commit[:12]}, {found.signer}")]
         raise VerificationFailed(self.name, image.digest, "; ".join(reasons))
 
@@ -116,7 +120,8 @@ class AttestationCheck:
         for found in _one(image, evidence, self.name, self.predicate_type):
             problem = self.validate(found) if self.validate else None
             if problem is None:
-                return [CheckResult(check=self.name, detail=f"signed by {found.signer}")]
+                return [CheckResult(check=self.name, detail=f"signed by {found.signer}",
+                                    signer=found.signer, attestation=found.attestation)]
             reasons.append(problem)
         raise VerificationFailed(self.name, image.digest, "; ".join(reasons))
 

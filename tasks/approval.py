@@ -34,7 +34,6 @@ from portcullis.approval import (
     ApprovalPolicy,
     ApprovalSubject,
     ApproverDirectory,
-    FileReplayStore,
     LedgerState,
     ReplayStore,
     Requester,
@@ -44,12 +43,12 @@ from portcullis.approval import (
     Verdict,
     md_text,
     render_approval_request,
-    replay_store_path,
     verify_requester,
 )
-from portcullis.audit import AuditEntry, AuditLog, AuditRecord
+from portcullis.audit import AuditEntry, AuditRecord, AuditTrail
 from portcullis.errors import PolicyRefusal
 from portcullis.freeze import FreezeStatus
+from portcullis.state import replay_store_for
 
 
 class _DecisionForm(RunInput):
@@ -184,7 +183,7 @@ def _entry(subject: ApprovalSubject, event: str, actor: str, **details: object) 
     )
 
 
-def _record_submission(audit: AuditLog, subject: ApprovalSubject, result: SubmitResult) -> None:
+def _record_submission(audit: AuditTrail, subject: ApprovalSubject, result: SubmitResult) -> None:
     if result.accepted:
         event = "approval.accepted" if result.verdict is Verdict.APPROVE else "approval.rejected"
         actor = result.approver
@@ -211,7 +210,7 @@ Render = Callable[[ApprovalLedger, datetime, str | None], str]
 
 def _collect(
     ledger: ApprovalLedger,
-    audit: AuditLog,
+    audit: AuditTrail,
     *,
     form: type[ApprovalForm | CanaryDecisionForm],
     render: Render,
@@ -252,7 +251,7 @@ def request_approvals(
     context: ApprovalSubject,
     policy: ApprovalPolicy,
     directory: ApproverDirectory,
-    audit: AuditLog,
+    audit: AuditTrail,
     *,
     replay: ReplayStore | None = None,
     freeze: Callable[[datetime], FreezeStatus] | None = None,
@@ -268,7 +267,7 @@ def request_approvals(
         policy: the environment's approval rules, from deploy-side configuration.
         directory: the approver directory, from deploy-side configuration.
         audit: where every decision is recorded.
-        replay: burned-code store; defaults to a file next to the audit log.
+        replay: burned-code store; defaults to the one that goes with ``audit``.
         freeze: re-evaluates the change freeze; shown on the form and checked again just
             before the approval is granted (a freeze may have started while waiting).
         scan: scan counts of the candidate and of what runs now, shown on the form.
@@ -284,7 +283,7 @@ def request_approvals(
     """
     logger = get_run_logger()
     subject = context
-    store = replay or FileReplayStore(replay_store_path(audit.path))
+    store = replay or replay_store_for(audit)
     ledger = ApprovalLedger(policy, directory, subject, store, opened_at=clock())
     _record_request(audit, ledger, "approval.requested")
 
@@ -329,7 +328,7 @@ def request_approvals(
     )
 
 
-def _record_request(audit: AuditLog, ledger: ApprovalLedger, event: str, **details: object) -> None:
+def _record_request(audit: AuditTrail, ledger: ApprovalLedger, event: str, **details: object) -> None:
     subject, policy = ledger.subject, ledger.policy
     audit.append(
         _entry(
@@ -363,7 +362,7 @@ def decide_inconclusive_canary(
     subject: ApprovalSubject,
     policy: ApprovalPolicy,
     directory: ApproverDirectory,
-    audit: AuditLog,
+    audit: AuditTrail,
     analysis: str,
     *,
     replay: ReplayStore | None = None,
@@ -380,7 +379,7 @@ def decide_inconclusive_canary(
     Returns:
         the decision and who made it ("timeout" when nobody did).
     """
-    store = replay or FileReplayStore(replay_store_path(audit.path))
+    store = replay or replay_store_for(audit)
     ledger = ApprovalLedger(policy, directory, subject, store, opened_at=clock())
     _record_request(audit, ledger, "canary.decision-requested", analysis=analysis)
 
@@ -405,7 +404,7 @@ def decide_inconclusive_canary(
     return "rollback", "timeout"
 
 
-def _time_out(audit: AuditLog, subject: ApprovalSubject, ledger: ApprovalLedger) -> NoReturn:
+def _time_out(audit: AuditTrail, subject: ApprovalSubject, ledger: ApprovalLedger) -> NoReturn:
     audit.append(
         _entry(
             subject,

@@ -29,7 +29,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
-from portcullis.audit import AuditEntry, AuditLog, HttpAuditSink
+from portcullis.audit import AuditEntry, AuditTrail, HttpAuditSink
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import ChangeCalendar, FreezeStatus, evaluate_freeze
 from portcullis.lease import (
@@ -42,27 +42,28 @@ from portcullis.lease import (
 )
 from portcullis.policy import EnvironmentPolicy
 from portcullis.settings import Settings
+from portcullis.state import open_state
 
 SYSTEM_ACTOR = "portcullis"
 
 
-def open_audit_log(settings: Settings) -> AuditLog:
-    """The local hash-chained log, mirrored to ``PORTCULLIS_AUDIT_HTTP_URL`` when set."""
+def open_audit_log(settings: Settings) -> AuditTrail:
+    """The hash-chained trail in the state store (``PORTCULLIS_STATE_URL``), mirrored to
+    ``PORTCULLIS_AUDIT_HTTP_URL`` when set."""
     mirrors = []
     url = os.environ.get("PORTCULLIS_AUDIT_HTTP_URL")
     if url:
         from pydantic import SecretStr
 
         mirrors.append(HttpAuditSink(url, SecretStr(os.environ.get("PORTCULLIS_AUDIT_HTTP_TOKEN", ""))))
-    settings.audit_path.parent.mkdir(parents=True, exist_ok=True)
-    return AuditLog(settings.audit_path, mirrors=mirrors)
+    return open_state(settings).audit_log(mirrors=mirrors)
 
 
 @dataclass
 class RunAudit:
     """Appends this run's decisions to the audit log with what/who/run/commit/when filled in."""
 
-    log: AuditLog
+    log: AuditTrail
     run_id: str
     app: str
     environment: str

@@ -52,9 +52,10 @@ def docker_client(docker_engine: DockerEngine) -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
-    """A real registry with a build (push) and a deploy (pull) account."""
+    """A real registry with a build (push), a deploy (pull) and a promoter account."""
     state = tmp_path_factory.mktemp("registry")
-    users = {"builder": secrets.token_urlsafe(12), "deployer": secrets.token_urlsafe(12)}
+    users = {"builder": secrets.token_urlsafe(12), "deployer": secrets.token_urlsafe(12),
+             "promoter": secrets.token_urlsafe(12)}
     reg = start_registry(state, users=users)
     yield reg
     stop_registry(state)
@@ -173,10 +174,16 @@ class PipelineEnv:
 @pytest.fixture()
 def pipeline_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, build_creds: BuildCredentials,
-    deploy_creds: DeployCredentials,
+    deploy_creds: DeployCredentials, registry: RunningRegistry,
 ) -> PipelineEnv:
     """Point the flow's PORTCULLIS_* settings at the test engine, registry and a fresh home."""
-    from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
+    from infra.demo_data import (
+        ensure_promotion_keys,
+        ensure_signing_keys,
+        ensure_trivy_db,
+        promotion_env,
+        trusted_keys_env,
+    )
 
     home = tmp_path / "home"
     policies = tmp_path / "policies-without-canary"
@@ -200,6 +207,9 @@ def pipeline_env(
         "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deploy_creds.registry_password.get_secret_value(),
         "PORTCULLIS_DEPLOY_DOCKER_HOST": deploy_creds.docker_host or "",
         "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
+        "PORTCULLIS_DEPLOY_PROMOTER_USERNAME": "promoter",
+        "PORTCULLIS_DEPLOY_PROMOTER_PASSWORD": registry.account("promoter").password,
+        **promotion_env(ensure_promotion_keys(home)),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -50,11 +50,11 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 
 from infra.demo_data import ensure_signing_keys, ensure_trivy_db
 from infra.docker_engine import DockerEngine
-from infra.production import POOLS, ProductionConfig, down, up
+from infra.production import POOLS, ProductionConfig, down, state_urls, up
 from infra.registry import RunningRegistry, free_port
-from portcullis.audit import AuditLog, AuditRecord
-from portcullis.reviews import ReviewStore
+from portcullis.audit import AuditLog, AuditRecord, AuditTrail
 from portcullis.sides import Side
+from portcullis.state import State, open_state_url
 from tasks.deploy import LABEL_APP
 from tests.support.approval_driver import Resumer
 from tests.support.production import (
@@ -128,9 +128,14 @@ class Stack:
     figures: dict[str, float] = field(default_factory=dict)
 
     @property
-    def audit(self) -> AuditLog:
-        """The audit log both workers append to."""
-        return AuditLog(self.home / "audit" / "audit.jsonl")
+    def state(self) -> State:
+        """The state store the deploy worker uses (as its role)."""
+        return open_state_url(state_urls(self.config)[0])
+
+    @property
+    def audit(self) -> AuditTrail:
+        """The audit trail both workers append to."""
+        return self.state.audit_log()
 
     def records(self, event: str, environment: str | None = None) -> list[AuditRecord]:
         """This app's audit records of one kind (in one environment)."""
@@ -394,12 +399,12 @@ def test_emergency_goes_through_the_freeze_with_a_valid_ticket_only(
     assert "launch-week" in str(bypassed[0].details["summary"])
     (completed,) = stack.records("promotion.completed", "prod")
     assert completed.details["ticket"] == ticket and completed.details["approved_by"] == ["otto"]
-    (review,) = ReviewStore(stack.home / "reviews").for_ticket(ticket)
+    (review,) = stack.state.reviews.for_ticket(ticket)
     assert review.app == stack.app and review.digest == dev.digest
     assert review.flow_run_id == str(good.id)
     assert review.skipped_environments == ("staging",)
     # A refused ticket opens no review and deploys nothing.
-    assert [r.ticket for r in ReviewStore(stack.home / "reviews").reviews()] == [ticket]
+    assert [r.ticket for r in stack.state.reviews.reviews()] == [ticket]
 
     # The same ticket a second time: one ticket opens one emergency promotion.
     with get_client(sync_client=True) as client:
@@ -491,7 +496,8 @@ def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
         message = str(run.state.message if run.state else "")
         moved_key = f"{deployment.split('/')[0]}/{deployment.split('/')[1]}-on-{POOLS[side]}"
         assert f"deployment {moved_key} is not configured on the {side} worker" in message, message
-        refused = [r for r in stack.audit.records()
+        # The worker records its refusal in its own log (WorkerConfig.audit_log).
+        refused = [r for r in AuditLog(stack.home / "audit" / "audit.jsonl").records()
                    if r.event == "worker.refused" and r.run_id == str(run.id)]
         assert len(refused) == 1 and refused[0].details["side"] == side
 

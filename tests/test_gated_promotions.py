@@ -11,10 +11,12 @@ racing for one environment deploy one at a time.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ import pyotp
 import pytest
 
 from flows.promote import PromotionResult, promote
-from portcullis.audit import AuditLog
 from portcullis.errors import PolicyRefusal
+from portcullis.settings import Settings
+from portcullis.state import open_state
 from tests.conftest import AppRepo, PipelineEnv, without_canary
 from tests.support.approval_driver import Resumer
 
@@ -120,21 +123,26 @@ def test_dev_to_staging_to_prod_with_two_verified_approvals(
     assert "Refused" in prod_resumer.descriptions[1]
     assert "wrote commit" in prod_resumer.descriptions[2] or "author" in prod_resumer.descriptions[2]
 
-    log = pipeline_env.home / "audit" / "audit.jsonl"
-    records = AuditLog(log).records()
+    records = open_state(Settings(home=pipeline_env.home)).audit_log().records()
     prod_events = [(r.event, r.actor) for r in records if r.environment == "prod"]
     assert ("promotion.completed", "portcullis") in prod_events
     assert [e for e in prod_events if e[0] == "approval.accepted"] == [
         ("approval.accepted", "alice"), ("approval.accepted", "bob")]
     assert all(r.run_id and r.at for r in records)
 
-    verify = [sys.executable, "-m", "portcullis.audit", "verify", str(log)]
+    store = Settings(home=pipeline_env.home).state_database_url.render_as_string()
+    verify = [sys.executable, "-m", "portcullis.audit", "verify", store]
     assert subprocess.run(verify, capture_output=True, check=False).returncode == 0
-    raw = bytearray(log.read_bytes())
-    raw[len(raw) // 2] ^= 0x01  # one changed byte in the middle of the log
-    log.write_bytes(bytes(raw))
+    middle = len(records) // 2
+    with closing(sqlite3.connect(pipeline_env.home / "state.db")) as db, db:
+        # The file's owner can drop the append-only trigger; the chain still shows the edit.
+        db.execute("DROP TRIGGER audit_records_no_update")
+        (body,) = db.execute("SELECT body FROM audit_records WHERE seq = ?", (middle,)).fetchone()
+        raw = bytearray(body)
+        raw[len(raw) // 2] ^= 0x01  # one changed byte in the middle of a record
+        db.execute("UPDATE audit_records SET body = ? WHERE seq = ?", (bytes(raw), middle))
     broken = subprocess.run(verify, capture_output=True, text=True, check=False)
-    assert broken.returncode == 1 and "BROKEN" in broken.stdout + broken.stderr
+    assert broken.returncode == 1 and f"BROKEN: record {middle} " in broken.stdout
 
 
 def test_staging_refuses_a_digest_that_never_passed_dev(
@@ -182,7 +190,7 @@ def test_two_promotions_racing_for_one_environment_deploy_one_at_a_time(
     for t in threads:
         t.join(300)
     assert all(isinstance(r, PromotionResult) for r in results), results
-    lock_events = [(r.event, r.run_id) for r in AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+    lock_events = [(r.event, r.run_id) for r in open_state(Settings(home=pipeline_env.home)).audit_log().records()
                    if r.event.startswith("lock.")]
     assert len(lock_events) == 4
     # Acquire/release pairs never interleave: the second run waited for the first to finish.
@@ -206,7 +214,7 @@ def test_a_requester_cannot_name_someone_else_nor_go_unproven(
     with pytest.raises(PolicyRefusal, match="not an enrolled identity"):
         _run("stranger-staging", app="hello", environment="staging", image=image,
              requested_by="mallory", requester_code="123456")
-    records = AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+    records = open_state(Settings(home=pipeline_env.home)).audit_log().records()
     refused = [(r.event, r.actor, r.details.get("claimed")) for r in records
                if r.event == "requester.refused"]
     assert refused == [("requester.refused", "unverified", "bob")] * 2 + [
@@ -236,6 +244,6 @@ def test_an_author_of_any_commit_in_the_change_cannot_approve(
     assert resumer.error is None, resumer.error
     assert staging.approved_by == ("carol",)
     assert "authored a commit in this change" in resumer.descriptions[1]
-    records = AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+    records = open_state(Settings(home=pipeline_env.home)).audit_log().records()
     listed = next(r for r in records if r.event == "change.listed" and r.environment == "staging")
     assert "Robert Bee <bob.personal@example.org>" in listed.details["authors"]  # type: ignore[operator]

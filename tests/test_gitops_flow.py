@@ -17,7 +17,8 @@ import yaml
 
 from flows.promote import promote
 from flows.rollback import rollback
-from portcullis.pins import PinStore
+from portcullis.settings import Settings
+from portcullis.state import open_state
 from tests.conftest import AppRepo, PipelineEnv
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow]
@@ -78,5 +79,5 @@ def test_promotion_commits_the_digest_and_rollback_reverts_it(
     entry = next(i for i in _overlay(gitops_repo, tmp_path)["images"] if i["name"] == app_name)
     assert entry["digest"] == first.image.digest
     assert "This reverts commit" in _git("log", "-1", "--format=%B", cwd=gitops_repo)
-    pin = PinStore(pipeline_env.home / "pins").get(app_name, "dev")
+    pin = open_state(Settings(home=pipeline_env.home)).pins.get(app_name, "dev")
     assert pin is not None and pin.digest == first.image.digest

@@ -109,6 +109,11 @@ def test_up_brings_database_server_pools_and_workers(production: ProductionConfi
         assert f"PORTCULLIS_{other.upper()}_PROBE" not in env
         assert env["PORTCULLIS_HOME"] == "/srv/portcullis"
         assert "PORTCULLIS_STACK_PROBE" not in env
+        # Both sides append to one audit chain, each as its own role (build: audit only).
+        role = {"build": "portcullis_build", "deploy": "portcullis_flows"}[side]
+        assert env["PORTCULLIS_STATE_URL"].startswith(f"postgresql+psycopg://{role}@127.0.0.1:")
+        assert env["PORTCULLIS_STATE_PASSWORD"] == secrets[
+            {"build": "build_state_password", "deploy": "state_password"}[side]]
         pid = running_pid(production.state_dir / f"worker-{side}.pid")
         assert pid is not None
         process_env = _environ(pid)

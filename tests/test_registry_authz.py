@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import docker
@@ -57,10 +58,22 @@ from portcullis.oci import (
     RegistryClient,
     digest_of,
 )
-from portcullis.signing.cosign_format import generate_key_pair, sign_image, signature_tag
+from portcullis.promotion_record import (
+    PromotionPredicate,
+    record_repository,
+    sign_promotion,
+    verify_promotion,
+)
+from portcullis.signing.cosign_format import (
+    attestation_tag,
+    generate_key_pair,
+    sign_image,
+    signature_tag,
+)
 from tests.support.registry_fixture import push_tiny_image
 
-PASSWORDS = {"builder": "build-pw-1", "deployer": "deploy-pw-2", "auditor": "audit-pw-3"}
+PASSWORDS = {"builder": "build-pw-1", "deployer": "deploy-pw-2", "auditor": "audit-pw-3",
+             "promoter": "promote-pw-4"}
 _names = itertools.count()
 
 
@@ -145,6 +158,27 @@ def test_scopes_parse_space_separated_values_and_names_with_ports() -> None:
 def test_a_grant_prefix_must_be_a_repository_path() -> None:
     with pytest.raises(ConfigurationError, match="not a repository path"):
         Grant(Role.PUSH, prefix="Team/../x")
+
+
+def test_promote_role_pulls_images_and_pushes_only_its_promotion_records() -> None:
+    grant = Grant(Role.PROMOTE, prefix="portcullis", records="promotions/staging")
+    asked = parse_scopes([
+        "repository:portcullis/hello:pull,push",
+        "repository:promotions/staging/portcullis/hello:pull,push",
+        "repository:promotions/prod/portcullis/hello:pull,push",
+        "repository:promotions-evil/x:pull,push",
+        "repository:other/app:pull,push",
+    ])
+    assert [str(s) for s in decide(grant, asked)] == [
+        "repository:portcullis/hello:pull",  # the image: read, never write
+        "repository:promotions/staging/portcullis/hello:pull,push",  # its own records
+        "repository:promotions/prod/portcullis/hello:pull",  # another environment's: read only
+    ]
+    for bad in ("", "portcullis", "promotions-evil", "../promotions"):
+        with pytest.raises(ConfigurationError):
+            Grant(Role.PROMOTE, records=bad)
+    with pytest.raises(ConfigurationError, match="only a promote grant"):
+        Grant(Role.PUSH, records="promotions")
 
 
 def test_libtrust_key_id_is_twelve_base32_groups_of_the_spki_hash() -> None:
@@ -306,6 +340,7 @@ def test_default_roles_and_processes(token_registry: RunningRegistry) -> None:
         "builder": Grant(Role.PUSH),
         "deployer": Grant(Role.PULL),
         "auditor": Grant(Role.PULL),
+        "promoter": Grant(Role.PROMOTE, records="promotions"),
     }
     assert token_registry.token_realm is not None
     assert token_registry.token_realm.startswith("http://127.0.0.1:")
@@ -356,6 +391,42 @@ def test_deployer_cannot_push_manifests_blobs_or_signatures(
         assert builder.list_tags(repo) == tags_before  # no "latest", no sha256-<hex>.sig
         assert signature_tag(image.digest) not in builder.list_tags(repo)
         assert not builder.blob_exists(repo, digest_of(b"a layer the deploy side made up"))
+
+
+@pytestmark_registry
+def test_promoter_attaches_a_promotion_record_but_cannot_push_an_image_tag(
+    token_registry: RunningRegistry,
+) -> None:
+    repo = _repo()
+    with _client(token_registry, "builder") as builder:
+        image = push_tiny_image(builder, repo, "v1")
+    record_repo = record_repository(image, "staging")
+    predicate = PromotionPredicate(
+        kind="promotion", app="authz", environment="staging", image=str(image),
+        digest=image.digest, policy_sha256="0" * 64, run_id="run-1",
+        completed_at=datetime.now(UTC),
+    )
+    key = generate_key_pair()
+
+    with _client(token_registry, "promoter") as promoter:
+        manifest = promoter.get_manifest(repo, image.digest)  # pull: yes
+        with pytest.raises(RegistryAuthError, match="not allowed to push manifest"):
+            promoter.put_manifest(repo, "latest", manifest.raw, manifest.media_type)
+        with pytest.raises(RegistryAuthError, match="not allowed to"):
+            promoter.put_manifest(repo, attestation_tag(image.digest), manifest.raw,
+                                  manifest.media_type)
+        with pytest.raises(RegistryAuthError, match="not allowed to"):
+            push_tiny_image(promoter, repo, "v2", b"an image the deploy side made up")
+        with pytest.raises(RegistryAuthError, match="not allowed to"):
+            sign_image(promoter, image, key)
+        signed = sign_promotion(promoter, image, predicate, key)
+
+    assert signed.location.endswith(f"{record_repo}:{attestation_tag(image.digest)}")
+    with _client(token_registry, "builder") as builder:
+        assert builder.list_tags(repo) == ["v1"]  # no latest, v2, .sig or .att in the image repo
+    with _client(token_registry, "deployer") as deployer:
+        found = verify_promotion(deployer, image, "staging", [key.public_key()])
+    assert found.predicate == predicate
 
 
 @pytestmark_registry

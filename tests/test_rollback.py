@@ -15,15 +15,17 @@ from typing import Any
 import httpx
 import pytest
 
+from blocks.credentials import DeployCredentials
 from flows.promote import promote
 from flows.rollback import clear_pin, rollback
 from infra.prometheus import free_tcp_port
 from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
-from portcullis.audit import AuditLog
 from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal
-from portcullis.pins import PinStore
+from portcullis.promotion_record import verify_promotion
+from portcullis.settings import Settings
+from portcullis.state import open_state
 from tests.conftest import AppRepo, PipelineEnv
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
@@ -78,14 +80,26 @@ def test_rollback_serves_the_previous_digest_without_failing_a_request_and_pins_
     assert result.requests > 100
     assert result.http_errors == 0 and result.socket_errors == 0
 
-    pin = PinStore(pipeline_env.home / "pins").get(app_name, "dev")
+    pin = open_state(Settings(home=pipeline_env.home)).pins.get(app_name, "dev")
     assert pin is not None and pin.digest == v1.image.digest and pin.pinned_by == "oncall-olga"
-    events = [r.event for r in AuditLog(pipeline_env.home / "audit" / "audit.jsonl").records()
+    events = [r.event for r in open_state(Settings(home=pipeline_env.home)).audit_log().records()
               if r.app == app_name]
     assert "rollback.completed" in events and "environment.pinned" in events
+    # Signed records: what was rolled back to and why; v2's canary verdicts with their numbers.
+    creds = DeployCredentials.from_env()
+    with creds.registry_client() as client:
+        rolled = verify_promotion(client, v1.image, "dev", creds.promotion_trust_root("dev"),
+                                  app=app_name, kinds=("rollback",))
+        promoted = verify_promotion(client, v2.image, "dev", creds.promotion_trust_root("dev"),
+                                    app=app_name)
+    assert rolled.predicate.rolled_back_from == v2.image.digest
+    assert rolled.predicate.reason == "v2 broke checkout"
+    assert rolled.predicate.requested_by == "oncall-olga"
+    assert promoted.predicate.canary is not None and promoted.predicate.canary.phase == "Successful"
+    assert [s.summary for s in promoted.predicate.canary.steps] == list(v2.canary.steps)
 
     assert clear_pin(app=app_name, environment="dev", requested_by="oncall-olga") == v1.image.digest
-    assert PinStore(pipeline_env.home / "pins").get(app_name, "dev") is None
+    assert open_state(Settings(home=pipeline_env.home)).pins.get(app_name, "dev") is None
     with pytest.raises(PolicyRefusal, match="not pinned"):
         clear_pin(app=app_name, environment="dev", requested_by="oncall-olga")
 

@@ -40,11 +40,20 @@ from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect.workers.process import ProcessWorker
 
-from infra.production import ENTRYPOINTS, POOLS, ProductionConfig, down, up, worker_config_path
+from infra.production import (
+    ENTRYPOINTS,
+    POOLS,
+    ProductionConfig,
+    down,
+    state_urls,
+    up,
+    worker_config_path,
+)
 from infra.registry import free_port
 from portcullis.audit import AuditLog, AuditRecord
 from portcullis.errors import ConfigurationError
 from portcullis.sides import WORKER_CONFIG_VAR, WorkerConfig, load_worker_config, require_worker_run
+from portcullis.state import open_state_url
 from portcullis.worker import locked_base_job_template, refusal_reason, run_environment
 from tests.support.production import (
     REPO_ROOT,
@@ -255,12 +264,17 @@ class Setup:
 
     @property
     def audit(self) -> AuditLog:
-        """The audit log of the deploy side (and of the build side: one file here)."""
+        """The workers' own log (worker.refused; one file for both sides here)."""
         return AuditLog(self.home / "audit" / "audit.jsonl")
+
+    def recorded(self) -> list[AuditRecord]:
+        """Everything recorded: the workers' log, then what flows put in the state store."""
+        store = open_state_url(state_urls(self.config)[0]).audit_log()
+        return self.audit.records() + store.records()
 
     def events_of(self, run: FlowRun) -> list[str]:
         """Audit events recorded for one run."""
-        return [r.event for r in self.audit.records() if r.run_id == str(run.id)]
+        return [r.event for r in self.recorded() if r.run_id == str(run.id)]
 
     def api(self) -> httpx.Client:
         """A raw REST client holding the auth string, as the attacker has it."""
@@ -333,7 +347,7 @@ def _refused(setup: Setup, run: FlowRun, reason: str) -> None:
     assert reason in message, message
     # Nothing of the flow ran: the worker's refusal is the run's only audit record.
     assert setup.events_of(run) == ["worker.refused"]
-    (record,) = [r for r in setup.audit.records() if r.run_id == str(run.id)]
+    (record,) = [r for r in setup.recorded() if r.run_id == str(run.id)]
     assert record.details["side"] == "deploy" and reason in str(record.details["reason"])
 
 
@@ -352,7 +366,7 @@ def test_a_run_overriding_the_policy_directory_is_refused(setup: Setup) -> None:
                    parameters={"app": "hello", "image": IMAGE, "requested_by": "mallory"},
                    job_variables={"env": {"PORTCULLIS_POLICY_DIR": str(mine)}})
     _refused(setup, run, "the flow run sets job variables (env)")
-    assert not [r for r in setup.audit.records() if r.environment == "staging"
+    assert not [r for r in setup.recorded() if r.environment == "staging"
                 and r.event.startswith("promotion.")]
 
 

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -356,9 +356,13 @@ def _append_layer(
     blob: bytes,
     layer: Descriptor,
     already_there: Callable[[Descriptor], bool],
+    repository: str | None = None,
 ) -> PushedSignature:
-    """Add ``layer`` to the manifest under ``tag`` (creating it), keeping what is there."""
-    repo = image.repository
+    """Add ``layer`` to the manifest under ``tag`` (creating it), keeping what is there.
+
+    ``repository`` is where the tag lives (cosign's ``COSIGN_REPOSITORY``); default the image's.
+    """
+    repo = repository or image.repository
     result: list[PushedSignature] = []
 
     def current_layers() -> list[Descriptor]:
@@ -475,6 +479,8 @@ def attest(
     image: ImageRef,
     statement: Mapping[str, Any],
     key: ec.EllipticCurvePrivateKey,
+    *,
+    repository: str | None = None,
 ) -> PushedSignature:
     """Sign an in-toto statement about ``image`` as a DSSE envelope and push it as cosign does.
 
@@ -484,6 +490,8 @@ def attest(
         statement: an in-toto statement (``_type``, ``subject``, ``predicateType``,
             ``predicate``) whose subject includes ``image.digest``.
         key: the ECDSA P-256 signing key.
+        repository: store the ``.att`` tag in this repository of the same registry instead
+            of the image's (what ``COSIGN_REPOSITORY`` does); push rights are needed there only.
 
     Raises:
         PolicyRefusal: the statement is malformed or is not about ``image``.
@@ -525,6 +533,7 @@ def attest(
         blob,
         layer,
         lambda e: e.digest == layer.digest,
+        repository,
     )
     log.info("attested %s (%s) with key %s", image, predicate_type, key_id(key.public_key())[:16])
     return pushed
@@ -550,6 +559,7 @@ class VerifiedAttestation:
     key_id: str
     predicate_type: str
     statement: Mapping[str, Any] = field(repr=False)
+    envelope_digest: str = ""  # digest of the DSSE envelope blob (the attestation layer)
 
 
 def _no_keys(check: str, image: ImageRef) -> VerificationFailed:
@@ -643,6 +653,8 @@ def verify_attestations(
     image: ImageRef,
     trusted_public_keys: Sequence[ec.EllipticCurvePublicKey],
     predicate_type: str,
+    *,
+    repository: str | None = None,
 ) -> list[VerifiedAttestation]:
     """The statements of ``predicate_type`` about ``image`` that trusted keys signed.
 
@@ -650,6 +662,7 @@ def verify_attestations(
     envelope's payload AND the signed statement has ``predicate_type`` AND names
     ``image.digest`` as a subject. The registry's ``predicateType`` annotation is unsigned and
     ignored. Attestations that fail are skipped (with their reason kept for the error).
+    ``repository`` reads the ``.att`` tag from another repository (``COSIGN_REPOSITORY``).
 
     Raises:
         VerificationFailed: check ``attestation``, when not one attestation passes.
@@ -659,8 +672,9 @@ def verify_attestations(
         raise _no_keys("attestation", image)
     _require_image(client, image, "attestation")
     tag = attestation_tag(image.digest)
+    where = repository or image.repository
     try:
-        manifest = client.get_manifest(image.repository, tag)
+        manifest = client.get_manifest(where, tag)
     except NotFoundInRegistry:
         raise VerificationFailed(
             "attestation", image.digest, f"no attestations: tag {tag} does not exist"
@@ -673,7 +687,7 @@ def verify_attestations(
             reasons.append(f"layer {short} is {layer.media_type}, not a DSSE envelope")
             continue
         problem, result = _check_envelope(
-            client.get_blob(image.repository, layer.digest), image, trusted_public_keys
+            client.get_blob(where, layer.digest), image, trusted_public_keys
         )
         if result is None:
             reasons.append(f"attestation {short} {problem}")
@@ -681,7 +695,7 @@ def verify_attestations(
         if result.predicate_type != predicate_type:
             reasons.append(f"attestation {short} is a {result.predicate_type}")
             continue
-        verified.append(result)
+        verified.append(replace(result, envelope_digest=layer.digest))
     if not verified:
         raise VerificationFailed(
             "attestation",

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from infra.demo_data import trusted_keys_env
+from infra.demo_data import ensure_promotion_keys, promotion_env, trusted_keys_env
 from infra.registry import RunningRegistry
 from tests.support.servicenow import PASSWORD, USER
 
@@ -55,7 +55,7 @@ def stack_environment(*, home: Path, policies: Path, approvers: Path, registry: 
         home: PORTCULLIS_HOME.
         policies: the policy directory.
         approvers: the approvers file.
-        registry: the registry (accounts ``builder`` and ``deployer``).
+        registry: the registry (accounts ``builder``, ``deployer`` and ``promoter``).
         docker_host: the engine both sides use.
         signing: (private PEM, its password, public PEM), as ``ensure_signing_keys`` returns.
         incidents_url: the loopback ServiceNow instance.
@@ -79,6 +79,9 @@ def stack_environment(*, home: Path, policies: Path, approvers: Path, registry: 
         "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deployer.password,
         "PORTCULLIS_DEPLOY_DOCKER_HOST": docker_host,
         "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
+        "PORTCULLIS_DEPLOY_PROMOTER_USERNAME": "promoter",
+        "PORTCULLIS_DEPLOY_PROMOTER_PASSWORD": registry.account("promoter").password,
+        **promotion_env(ensure_promotion_keys(home)),
         "PORTCULLIS_INCIDENTS_BASE_URL": incidents_url,
         "PORTCULLIS_INCIDENTS_USERNAME": USER,
         "PORTCULLIS_INCIDENTS_PASSWORD": PASSWORD,

@@ -255,6 +255,11 @@ class AuditTrail(ABC):
         """One flow run's records, in order (not verified: use :meth:`verify`)."""
         return [r for r in self.records() if r.run_id == run_id]
 
+    @property
+    def underlying(self) -> AuditTrail:
+        """The trail that keeps the records: itself, or what a wrapper adding behaviour wraps."""
+        return self
+
 
 class AuditLog(AuditTrail):
     """The local append-only JSONL chain, with optional mirrors.

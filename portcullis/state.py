@@ -751,6 +751,7 @@ class StoreTicketUseStore:
 def replay_store_for(audit: AuditTrail) -> ReplayStore:
     """Where codes are burned for decisions recorded in ``audit``: the same store's table, or
     for a JSONL log the file next to it (one-host setups and tests)."""
+    audit = audit.underlying
     if isinstance(audit, StoreAuditLog):
         return StoreReplayStore(audit.engine)
     if isinstance(audit, AuditLog):

@@ -78,6 +78,15 @@ class BoardPublishingLog(AuditTrail):
         """Where the wrapped trail keeps its records."""
         return self._log.location
 
+    @property
+    def underlying(self) -> AuditTrail:
+        """The wrapped trail (where codes are burned is decided by it)."""
+        return self._log.underlying
+
+    def run_records(self, run_id: str) -> list[AuditRecord]:
+        """The wrapped trail's records of one run."""
+        return self._log.run_records(run_id)
+
     def append(self, entry: AuditEntry) -> AuditRecord:
         """Append as the trail does, then republish the board for the human decision events."""
         record = self._log.append(entry)

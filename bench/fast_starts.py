@@ -50,9 +50,9 @@ from infra.base_image import ensure_base_image
 from infra.daemon import running_pid
 from infra.demo_data import ensure_signing_keys, ensure_trivy_db
 from infra.docker_engine import ensure_engine, stop_private_engine
-from infra.production import ProductionConfig, down, up
+from infra.production import ProductionConfig, down, state_urls, up
 from infra.registry import free_port, start_registry, stop_registry
-from portcullis.audit import AuditLog
+from portcullis.state import open_state_url
 from tasks.deploy import LABEL_APP
 from tests.support.production import deploy_all, pause_shipped_schedules, wait_final
 from tests.support.promotion_setup import init_app_repo, stack_environment, write_policies
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                     "requester_code": people.code("req-dev")}).id, timeout=900)
             if dev.state_name != "Completed":
                 raise RuntimeError(f"promote-dev ended {dev.state_name}: {dev.state.message if dev.state else ''}")
-            (completed,) = [r for r in AuditLog(state / "home" / "audit" / "audit.jsonl").records()
+            trail = open_state_url(state_urls(config)[0]).audit_log()
+            (completed,) = [r for r in trail.records()
                             if r.event == "promotion.completed" and r.run_id == str(dev.id)]
             image, digest = str(completed.details["image"]), str(completed.digest)
             print(f"promote-dev done: {image}", flush=True)

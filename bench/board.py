@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.report import figure
 from portcullis.audit import AuditEntry, AuditLog
 from portcullis.board import build_board, render_markdown, render_text
 from portcullis.dora import all_figures
@@ -65,6 +66,8 @@ def main(apps: int = 50, per_app: int = 40) -> None:
         print(f"verify chain {verified:.2f}s; parse {parsed:.2f}s; board {built:.2f}s "
               f"({len(markdown) / 1e3:.0f} kB markdown, {len(text.splitlines())} terminal lines); "
               f"DORA for {len(figures)} app/environment pairs {dora:.2f}s")
+        figure(f"board publish at {len(records):,} records (verify + parse + build)",
+               f"{verified + parsed + built:.2f} s")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from bench.report import figure as report
 from portcullis.canary import analysis as new
 from portcullis.canary.metrics import LATENCY_BUCKETS
 from portcullis.policy import load_policy
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 passed += f" / {old.successful / old.trials:.1%}"
             print(f"{case.label:<42} {case.goal:<24} {figure.replace('_', ' '):<16} "
                   f"{tally.rate(getattr(tally, figure)):<22} {old_text:<22} {passed}")
+            report(f"canary {env}: {case.label} ({figure.replace('_', ' ')})",
+                   tally.rate(getattr(tally, figure)), case.goal, old_text)
         print()
     print(f"({time.monotonic() - started:.0f}s wall, "
           f"{time.process_time() - cpu + usage.ru_utime + usage.ru_stime:.0f}s CPU in {args.workers} processes)")

@@ -122,10 +122,11 @@ def _first_task_after(client: SyncPrefectClient, run_id: UUID, after: datetime,
     raise TimeoutError(f"no task of {run_id} started after the approval")
 
 
-def _tree_rss(root: int | None) -> int:
-    """RSS in bytes of ``root`` and all its descendants."""
+def _tree_memory(root: int | None) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of ``root`` and all its descendants. RSS counts pages a forked
+    child shares with its warm parent once per process; PSS splits them among the sharers."""
     if root is None:
-        return 0
+        return 0, 0
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
@@ -137,13 +138,15 @@ def _tree_rss(root: int | None) -> int:
             if parent == pid and child not in tree:
                 tree.add(child)
                 frontier.append(child)
-    total = 0
+    rss = pss = 0
     for pid in tree:
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+    return rss, pss
 
 
 @contextlib.contextmanager
@@ -309,7 +312,7 @@ def _waiting_memory(client: SyncPrefectClient, config: ProductionConfig, people:
             running_pid(config.state_dir / "worker-deploy.pid"),
             "Prefect server": running_pid(config.state_dir / "prefect-server.pid"),
             "PostgreSQL": running_pid(config.state_dir / "postgres.pid")}
-    before = {name: _tree_rss(pid) for name, pid in pids.items()}
+    before = {name: _tree_memory(pid) for name, pid in pids.items()}
     found = client.read_deployment_by_name("promote-staging/staging")
     runs: list[UUID] = []
     waiting: set[UUID] = set()
@@ -331,19 +334,25 @@ def _waiting_memory(client: SyncPrefectClient, config: ProductionConfig, people:
         time.sleep(0.5)
     setup = time.monotonic() - started
     time.sleep(3)  # let the last flow processes exit before reading RSS
-    after = {name: _tree_rss(pid) for name, pid in pids.items()}
+    after = {name: _tree_memory(pid) for name, pid in pids.items()}
     mib = 1024 * 1024
-    held = sum(after.values()) - sum(before.values())
     lines = [f"\n{count} staging promotions waiting for approval (set up in {setup:.0f}s):",
-             "| process tree                                   | before    | waiting   |",
-             "|------------------------------------------------|-----------|-----------|"]
-    lines += [f"| {name:<46} | {before[name] / mib:>5.0f} MiB | {after[name] / mib:>5.0f} MiB |"
-              for name in pids]
-    lines.append(f"| {'total':<46} | {sum(before.values()) / mib:>5.0f} MiB | "
-                 f"{sum(after.values()) / mib:>5.0f} MiB |")
-    lines.append(f"per waiting promotion: {held / count / mib:.2f} MiB (today {TODAY['per waiting promotion']}); "
-                 f"500 waiting, extrapolated: {(sum(after.values()) + held / count * (500 - count)) / mib:.0f} MiB "
-                 "in total (goal < 1024 MiB)")
+             "| process tree                                   | RSS before | RSS waiting "
+             "| PSS before | PSS waiting |",
+             "|------------------------------------------------|------------|-------------"
+             "|------------|-------------|"]
+    rows = [*pids, "total"]
+    before["total"] = (sum(v[0] for v in before.values()), sum(v[1] for v in before.values()))
+    after["total"] = (sum(v[0] for v in after.values()), sum(v[1] for v in after.values()))
+    lines += [f"| {name:<46} | {before[name][0] / mib:>6.0f} MiB | {after[name][0] / mib:>7.0f} MiB "
+              f"| {before[name][1] / mib:>6.0f} MiB | {after[name][1] / mib:>7.0f} MiB |" for name in rows]
+    for index, kind in ((0, "RSS"), (1, "PSS")):
+        held = after["total"][index] - before["total"][index]
+        lines.append(
+            f"{kind}: per waiting promotion {held / count / mib:.2f} MiB (today "
+            f"{TODAY['per waiting promotion']}); 500 waiting, extrapolated: "
+            f"{(after['total'][index] + held / count * (500 - count)) / mib:.0f} MiB in total "
+            "(goal < 1024 MiB)")
     for run_id in runs:
         with contextlib.suppress(Exception):
             client.set_flow_run_state(run_id, Cancelling(), force=True)

@@ -189,7 +189,7 @@ def _promote_passed(app: str, environment: str, image: str | None, requested_by:
         return deploy_side(app, environment, target, None, requester, None, settings, policy, audit)
 
 
-@flow(name="promote-staging", log_prints=True)
+@flow(name="promote-staging", log_prints=True, persist_result=True)
 def promote_staging(
     app: str = "hello", image: str | None = None, requested_by: str = "scheduler",
     requester_code: str = "",
@@ -209,7 +209,7 @@ def promote_staging(
     return _promote_passed(app, "staging", image, requested_by, requester_code)
 
 
-@flow(name="promote-prod", log_prints=True)
+@flow(name="promote-prod", log_prints=True, persist_result=True)
 def promote_prod(
     app: str = "hello", image: str | None = None, requested_by: str = "scheduler",
     requester_code: str = "",
@@ -229,7 +229,7 @@ def promote_prod(
     return _promote_passed(app, "prod", image, requested_by, requester_code)
 
 
-@flow(name="emergency-promote", log_prints=True)
+@flow(name="emergency-promote", log_prints=True, persist_result=True)
 def emergency_promote(
     app: str, image: str, incident_ticket: str, justification: str, requested_by: str,
     requester_code: str = "",

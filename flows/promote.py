@@ -31,6 +31,7 @@ from portcullis.approval import (
     ApprovalSettings,
     ApprovalSubject,
     Requester,
+    RequesterProof,
 )
 from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
@@ -186,14 +187,21 @@ def build_with_evidence(
 
 
 def _verify(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudit, block: str | None,
-            stage: str) -> list[CheckResult]:
+            stage: str, *, once: bool = False) -> list[CheckResult]:
+    """Verify the evidence and record it. ``once``: a run resumed after a wait takes what it
+    verified at this stage before (the gates after the wait verify again)."""
+    if once and (earlier := audit.earlier("verification.passed", stage=stage)) is not None:
+        results = earlier.details.get("results")
+        if isinstance(results, list):
+            return [CheckResult.model_validate(r) for r in results]
     try:
         checks = verify_evidence(image, policy, block)
     except PortcullisError as exc:
         audit.record("verification.refused", stage=stage, reason=str(exc))
         raise
     audit.record("verification.passed", stage=stage,
-                 checks={c.check: c.detail for c in checks})
+                 checks={c.check: c.detail for c in checks},
+                 results=[c.model_dump(mode="json") for c in checks])
     return checks
 
 
@@ -228,6 +236,10 @@ def establish_requester(
 ) -> Requester:
     """Who asked for this promotion, proven before any work is done (see
     :func:`tasks.approval.requester_for_current_run`), and recorded."""
+    if (earlier := audit.earlier("requester.established")) is not None:
+        # Resumed after a wait: the requester was proven (and the code burned) before it.
+        return Requester(name=str(earlier.details["requester"]),
+                         proof=RequesterProof(str(earlier.details["proof"])))
     must_verify = policy.approval is not None
     directory = replay = None
     if must_verify or requester_code.strip():
@@ -247,6 +259,8 @@ def establish_requester(
 def _change(app: str, environment: str, provenance: dict[str, str], settings: Settings,
             audit: RunAudit) -> Change:
     """The commits this promotion brings into the environment, and who wrote them."""
+    if (earlier := audit.earlier("change.listed")) is not None:
+        return Change.model_validate({**earlier.details, "commit": provenance["commit"]})
     running = newest_passed(audit.log, app, environment)
     repo = local_repository(provenance["repository"], settings.home / "sources")
     change = change_between(repo, provenance["commit"], running.commit if running else None)
@@ -287,7 +301,7 @@ def deploy_side(
         audit.record("freeze.bypassed", stage=stage, ticket=emergency.ticket,
                      frozen=status.frozen, summary=status.summary())
 
-    checks = _verify(image, policy, audit, deploy_block, "before-approval")
+    checks = _verify(image, policy, audit, deploy_block, "before-approval", once=True)
     provenance = next(c.facts for c in checks if c.check == "provenance")
     audit.commit = provenance["commit"]
 
@@ -406,8 +420,9 @@ def start_run(app: str, environment: str, requested_by: str, **details: JsonValu
     # The app's own catalog freeze windows add to the environment's (never remove any).
     policy = catalog_freeze(load_policy(environment, settings.policy_dir), app)
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
-    audit.record("promotion.started", actor=requested_by, policy_sha256=policy.policy_sha256,
-                 **details)
+    # A run that waited without a process starts again from the top when it is resumed.
+    event = "promotion.resumed" if audit.earlier("promotion.started") else "promotion.started"
+    audit.record(event, actor=requested_by, policy_sha256=policy.policy_sha256, **details)
     return settings, policy, audit
 
 

@@ -13,6 +13,8 @@ declare -A NEED=(
 )
 if [[ "${1:-}" == "--tests" ]]; then
   NEED[chromium]=chromium
+  # `kubectl kustomize` renders the GitOps overlays in the tests (any kubectl does).
+  NEED[kubectl]=kubernetes-client
 fi
 missing=()
 for bin in "${!NEED[@]}"; do command -v "$bin" >/dev/null 2>&1 || missing+=("${NEED[$bin]}"); done

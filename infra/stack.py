@@ -23,6 +23,7 @@ import docker
 from infra import prefect_server, registry
 from infra.base_image import ensure_base_image
 from infra.change_calendar import ensure_calendar, stop_calendar
+from infra.daemon import running_pid
 from infra.demo_data import (
     ensure_approvers,
     ensure_gitops_repo,
@@ -204,6 +205,19 @@ def down(config: StackConfig) -> list[str]:
     return stopped
 
 
+def status(config: StackConfig) -> list[tuple[str, int | None]]:
+    """What of the stack runs now, from its pid files; starts nothing.
+
+    Returns:
+        (part, pid) for every daemon the stack ever started here; pid None: not running.
+    """
+    state = config.state_dir
+    if not state.exists():
+        return []
+    return [(str(path.relative_to(state).with_suffix("")), running_pid(path))
+            for path in sorted(state.rglob("*.pid"))]
+
+
 def _describe(info: StackInfo) -> str:
     engine = "private dockerd" if info.docker_private else "existing engine"
     lines = [
@@ -231,6 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             stopped = down(config)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
             return 0
+        if args.command == "status":
+            parts = status(config)
+            if args.json:
+                print(json.dumps(dict(parts), indent=2))
+            elif not parts:
+                print(f"no stack in {config.state_dir}: `python -m infra.stack up` starts one")
+            else:
+                for part, pid in parts:
+                    print(f"{part:<40} {f'running, pid {pid}' if pid else 'not running'}")
+            return 0 if all(pid for _, pid in parts) else 1
         info = up(config)
     except PortcullisError as exc:
         print(f"stack {args.command} failed: {exc}", file=sys.stderr)

@@ -371,6 +371,9 @@ class SubmitResult(Frozen):
     message: str
     state: LedgerState
     totp_step: int | None = None
+    decision: AcceptedDecision | None = Field(
+        default=None, description="what counted, when accepted (kept to restore the ledger)"
+    )
 
 
 class ApprovalOutcome(Frozen):
@@ -635,12 +638,7 @@ class ApprovalLedger:
 
         def refuse(kind: Refusal, message: str, *, invalid: bool = True) -> SubmitResult:
             if invalid:
-                self._invalid += 1
-                if self._invalid >= self.policy.max_invalid_submissions and not self.rejected:
-                    self._abandoned = (
-                        f"{self._invalid} invalid approval submissions: "
-                        "stopped as a precaution against guessing"
-                    )
+                self._count_invalid()
             return SubmitResult(
                 accepted=False,
                 approver=name,
@@ -754,7 +752,38 @@ class ApprovalLedger:
             message=message,
             state=self.state(at),
             totp_step=step,
+            decision=accepted,
         )
+
+    def restore(self, accepted: AcceptedDecision | None, refusal: Refusal | None,
+                approver: str) -> None:
+        """Re-apply a submission this ledger already judged (and recorded) in an earlier
+        process of the same run, without checking its code again: the code was verified and
+        burned then, and is expired now.
+
+        Args:
+            accepted: the decision that counted, or None if it was refused.
+            refusal: why it was refused (None if it counted).
+            approver: the approver named in the submission.
+        """
+        if accepted is not None:
+            if accepted.verdict is Verdict.REJECT:
+                self._rejection = accepted
+            else:
+                self._approvals.append(accepted)
+            return
+        if refusal is Refusal.BAD_CODE:
+            self._failed_codes[approver] = self._failed_codes.get(approver, 0) + 1
+        if refusal not in (Refusal.CLOSED, Refusal.TIMED_OUT, Refusal.ALREADY_SATISFIED):
+            self._count_invalid()
+
+    def _count_invalid(self) -> None:
+        self._invalid += 1
+        if self._invalid >= self.policy.max_invalid_submissions and not self.rejected:
+            self._abandoned = (
+                f"{self._invalid} invalid approval submissions: "
+                "stopped as a precaution against guessing"
+            )
 
     def _digest_matches(self, typed: str) -> bool:
         text = typed.strip().lower().removeprefix("sha256:")

@@ -16,18 +16,21 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NoReturn
+from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
+from prefect.input.run_input import keyset_from_base_key
 from pydantic import Field, ValidationError
 
 from portcullis.approval import (
     SCHEDULER,
+    AcceptedDecision,
     ApprovalDecision,
     ApprovalLedger,
     ApprovalOutcome,
@@ -35,6 +38,7 @@ from portcullis.approval import (
     ApprovalSubject,
     ApproverDirectory,
     LedgerState,
+    Refusal,
     ReplayStore,
     Requester,
     RequesterProof,
@@ -183,7 +187,8 @@ def _entry(subject: ApprovalSubject, event: str, actor: str, **details: object) 
     )
 
 
-def _record_submission(audit: AuditTrail, subject: ApprovalSubject, result: SubmitResult) -> None:
+def _record_submission(audit: AuditTrail, subject: ApprovalSubject, result: SubmitResult,
+                       ledger_key: str, submission: int) -> None:
     if result.accepted:
         event = "approval.accepted" if result.verdict is Verdict.APPROVE else "approval.rejected"
         actor = result.approver
@@ -201,8 +206,55 @@ def _record_submission(audit: AuditTrail, subject: ApprovalSubject, result: Subm
             message=result.message,
             totp_step=result.totp_step,
             state=result.state.value,
+            ledger=ledger_key,
+            submission=submission,
+            decision=result.decision.model_dump(mode="json") if result.decision else None,
         )
     )
+
+
+_SUBMISSION_EVENTS = ("approval.accepted", "approval.rejected", "approval.refused")
+
+
+def _restore(ledger: ApprovalLedger, audit: AuditTrail, ledger_key: str) -> int:
+    """Re-apply the submissions an earlier process of this run judged; returns how many."""
+    count = 0
+    for record in audit.run_records(ledger.subject.run_id):
+        if record.event not in _SUBMISSION_EVENTS or record.details.get("ledger") != ledger_key:
+            continue
+        raw = record.details.get("decision")
+        refusal = record.details.get("refusal")
+        ledger.restore(
+            AcceptedDecision.model_validate(raw) if isinstance(raw, dict) else None,
+            Refusal(refusal) if isinstance(refusal, str) else None,
+            str(record.details.get("claimed_approver", "")),
+        )
+        count = max(count, int(str(record.details.get("submission", 0))) + 1)
+    return count
+
+
+def _opened_at(audit: AuditTrail, subject: ApprovalSubject, event: str, ledger_key: str) -> datetime | None:
+    for record in audit.run_records(subject.run_id):
+        if record.event == event and record.details.get("ledger") == ledger_key:
+            return record.at
+    return None
+
+
+def _answered_at(run_id: str, state_name: str, key: str) -> datetime | None:
+    """When the server stored the answer to the wait with ``key`` (its own timestamp)."""
+    response_key = keyset_from_base_key(f"{state_name.lower()}-{key}")["response"]
+    with get_client(sync_client=True) as client:
+        found = client.filter_flow_run_input(UUID(run_id), key_prefix=response_key, limit=1,
+                                             exclude_keys=set())
+    return found[0].created if found else None
+
+
+def _durable() -> bool:
+    # A run of a deployment can wait without a process: Prefect suspends it and a worker
+    # runs it again from the top when it is resumed. A run without one (the local stack's
+    # in-process flow) can only pause and keep its process.
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.deployment_id)
 
 
 Render = Callable[[ApprovalLedger, datetime, str | None], str]
@@ -216,35 +268,63 @@ def _collect(
     render: Render,
     poll_interval: int,
     clock: Callable[[], datetime],
+    ledger_key: str,
+    durable: bool,
 ) -> LedgerState:
     """Offer ``form`` until the ledger is satisfied, rejected or timed out; every answer is
-    verified by the ledger and recorded. Returns the final state (never PENDING)."""
+    verified by the ledger and recorded. Returns the final state (never PENDING).
+
+    ``durable``: wait with ``suspend_flow_run`` (no process while waiting; each submission
+    has its own key, so an answer given while nothing ran is returned when the run comes
+    back), after restoring what earlier processes of this run already judged. Otherwise
+    ``pause_flow_run`` keeps this process polling.
+    """
     logger = get_run_logger()
     subject = ledger.subject
     notice: str | None = None
+    submission = _restore(ledger, audit, ledger_key) if durable else 0
     while True:
         now = clock()
         state = ledger.state(now)
         if state is not LedgerState.PENDING:
             return state
-        remaining = math.ceil((ledger.deadline - now).total_seconds())
+        remaining = max(1, math.ceil((ledger.deadline - now).total_seconds()))
+        prompt = form.with_initial_data(description=render(ledger, now, notice))
+        key = f"{ledger_key}-{submission}"
         try:
-            answer = pause_flow_run(
-                wait_for_input=form.with_initial_data(description=render(ledger, now, notice)),
-                timeout=max(1, remaining),
-                poll_interval=poll_interval,
-            )
+            if durable:
+                answer = suspend_flow_run(wait_for_input=prompt, timeout=remaining, key=key)
+            else:
+                answer = pause_flow_run(wait_for_input=prompt, timeout=remaining,
+                                        poll_interval=poll_interval, key=key)
         except FlowPauseTimeout:
             continue  # the ledger's deadline has passed: the next turn reports TIMED_OUT
         except ValidationError as exc:
             # Resumed without (valid) input, e.g. straight through the API.
             notice = f"the last answer was not a complete form: {exc.errors()[0]['msg']}"
-            audit.append(_entry(subject, "approval.refused", "unverified", message=notice))
+            audit.append(_entry(subject, "approval.refused", "unverified", message=notice,
+                                ledger=ledger_key, submission=submission, refusal=None))
+            submission += 1
             continue
-        result = ledger.submit(answer.decision_for_ledger(), clock())
-        _record_submission(audit, subject, result)
+        # A code is checked against the moment the server received the answer: a resumed run
+        # may only get to it after a worker picked the run up again.
+        answered = _answered_at(subject.run_id, "Suspended" if durable else "Paused", key)
+        result = ledger.submit(answer.decision_for_ledger(), answered or clock())
+        _record_submission(audit, subject, result, ledger_key, submission)
+        submission += 1
         notice = result.message if result.accepted else f"Refused: {result.message}"
         logger.info("decision submitted: %s", notice)
+
+
+def _open_ledger(policy: ApprovalPolicy, directory: ApproverDirectory, subject: ApprovalSubject,
+                 store: ReplayStore, audit: AuditTrail, event: str, ledger_key: str, durable: bool,
+                 clock: Callable[[], datetime], **details: object) -> ApprovalLedger:
+    """The ledger for this request: opened once per run (its deadline counts from then)."""
+    earlier = _opened_at(audit, subject, event, ledger_key) if durable else None
+    ledger = ApprovalLedger(policy, directory, subject, store, opened_at=earlier or clock())
+    if earlier is None:
+        _record_request(audit, ledger, event, ledger_key=ledger_key, **details)
+    return ledger
 
 
 def request_approvals(
@@ -284,15 +364,17 @@ def request_approvals(
     logger = get_run_logger()
     subject = context
     store = replay or replay_store_for(audit)
-    ledger = ApprovalLedger(policy, directory, subject, store, opened_at=clock())
-    _record_request(audit, ledger, "approval.requested")
+    durable = _durable()
+    ledger = _open_ledger(policy, directory, subject, store, audit, "approval.requested",
+                          "approval", durable, clock)
 
     def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
         return render_approval_request(
             ledger, now, freeze=freeze(now) if freeze else None, scan=scan, notice=notice)
 
     state = _collect(ledger, audit, form=ApprovalForm, render=render,
-                     poll_interval=poll_interval, clock=clock)
+                     poll_interval=poll_interval, clock=clock, ledger_key="approval",
+                     durable=durable)
     if state is LedgerState.REJECTED:
         reason = ledger.rejection_reason or "rejected"
         audit.append(_entry(subject, "approval.stopped", "portcullis", reason=reason))
@@ -328,7 +410,8 @@ def request_approvals(
     )
 
 
-def _record_request(audit: AuditTrail, ledger: ApprovalLedger, event: str, **details: object) -> None:
+def _record_request(audit: AuditTrail, ledger: ApprovalLedger, event: str, *, ledger_key: str,
+                    **details: object) -> None:
     subject, policy = ledger.subject, ledger.policy
     audit.append(
         _entry(
@@ -342,6 +425,7 @@ def _record_request(audit: AuditTrail, ledger: ApprovalLedger, event: str, **det
             required_groups=list(policy.required_groups),
             deadline=ledger.deadline.isoformat(),
             ready_at=ledger.ready_at.isoformat(),
+            ledger=ledger_key,
             **details,
         )
     )
@@ -380,8 +464,10 @@ def decide_inconclusive_canary(
         the decision and who made it ("timeout" when nobody did).
     """
     store = replay or replay_store_for(audit)
-    ledger = ApprovalLedger(policy, directory, subject, store, opened_at=clock())
-    _record_request(audit, ledger, "canary.decision-requested", analysis=analysis)
+    # The canary holds its container (at no traffic) while a person decides, so this wait
+    # keeps its process: a resumed run would start the rollout again from the top.
+    ledger = _open_ledger(policy, directory, subject, store, audit, "canary.decision-requested",
+                          "canary", False, clock, analysis=analysis)
 
     def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
         return (f"## The canary is Inconclusive\n\n{md_text(analysis, 2000)}\n\n"
@@ -389,7 +475,8 @@ def decide_inconclusive_canary(
                 + render_approval_request(ledger, now, notice=notice))
 
     state = _collect(ledger, audit, form=CanaryDecisionForm, render=render,
-                     poll_interval=poll_interval, clock=clock)
+                     poll_interval=poll_interval, clock=clock, ledger_key="canary",
+                     durable=False)
     if state is LedgerState.SATISFIED:
         who = ledger.approvals[0].approver
         audit.append(_entry(subject, "canary.decision", who, decision="promote"))

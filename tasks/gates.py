@@ -29,7 +29,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
-from portcullis.audit import AuditEntry, AuditTrail, HttpAuditSink
+from portcullis.audit import AuditEntry, AuditRecord, AuditTrail, HttpAuditSink
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import ChangeCalendar, FreezeStatus, evaluate_freeze
 from portcullis.lease import (
@@ -77,6 +77,18 @@ class RunAudit:
             environment=self.environment, digest=self.digest, commit=self.commit,
             details=dict(details),
         ))
+
+    def earlier(self, event: str, **match: JsonValue) -> AuditRecord | None:
+        """This run's first record of ``event`` whose details include ``match``, if any.
+
+        A run that waited for people without holding a process (suspended) starts again from
+        the top when it resumes; what it already did and recorded is taken from here instead
+        of being done twice.
+        """
+        for record in self.log.run_records(self.run_id):
+            if record.event == event and all(record.details.get(k) == v for k, v in match.items()):
+                return record
+        return None
 
 
 def freeze_checker(policy: EnvironmentPolicy, credentials: DeployCredentials | None) -> Callable[[datetime], FreezeStatus]:

@@ -214,3 +214,16 @@ def pipeline_env(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return PipelineEnv(home=home, public_key_pem=public_pem)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped test is a test that did not run: the suite fails when any was skipped.
+
+    Everything the tests need is installed by ``infra/bootstrap.sh --tests``; a skip means a
+    missing install step that a green run would otherwise hide.
+    """
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if skipped and exitstatus == pytest.ExitCode.OK:
+        print(f"\n{skipped} test(s) were skipped: failing the run (nothing may be skipped in CI)")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -63,8 +63,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 WINDOW = 5.0
 POLICY = CanaryPolicy(
     steps=(CanaryStep(weight=20, window_seconds=WINDOW), CanaryStep(weight=50, window_seconds=WINDOW)),
-    limits=AnalysisLimits(min_requests=40, min_latency_samples=40, max_error_rate=0.01,
-                          max_p99_seconds=1.0, max_p99_ratio=3.0, p99_tolerance_seconds=0.1),
+    limits=AnalysisLimits(min_requests=40, max_error_rate=0.01, max_latency_seconds=1.0,
+                          max_latency_ratio=3.0, pass_confidence=0.5),
     consecutive_error_limit=1,
 )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from blocks.credentials import BuildCredentials, DeployCredentials
@@ -115,3 +118,16 @@ def test_build_and_deploy_tasks_never_load_the_other_sides_credentials() -> None
 
     assert not hasattr(tasks.build, "DeployCredentials")
     assert not hasattr(tasks.deploy, "BuildCredentials")
+
+
+def test_stack_status_reports_from_pid_files_and_starts_nothing(tmp_path: Path) -> None:
+    from infra.stack import StackConfig, status
+
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "registry.pid").write_text(str(os.getpid()))  # alive: this process
+    (tmp_path / "prefect").mkdir()
+    (tmp_path / "prefect" / "prefect-server.pid").write_text("999999999")  # no such process
+    parts = dict(status(StackConfig(state_dir=tmp_path)))
+    assert parts == {"registry/registry": os.getpid(), "prefect/prefect-server": None}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["registry", "registry.pid", "prefect", "prefect-server.pid"])  # nothing was started

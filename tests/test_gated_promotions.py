@@ -29,6 +29,7 @@ from portcullis.settings import Settings
 from portcullis.state import open_state
 from tests.conftest import AppRepo, PipelineEnv, without_canary
 from tests.support.approval_driver import Resumer
+from tests.support.codes import Codes
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
               pytest.mark.timeout(600)]
@@ -75,14 +76,12 @@ def gated(pipeline_env: PipelineEnv, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 def form(name: str, digest: str, code: str | None = None) -> dict[str, Any]:
-    return {"approver": name, "code": code or pyotp.TOTP(SECRETS[name]).now(),
+    return {"approver": name, "code": code or codes(name),
             "digest_prefix": digest[7:19], "decision": "approve", "comment": "looks good"}
 
 
-def code(name: str, ahead: int = 0) -> str:
-    """``name``'s code ``ahead`` time steps from now: a code is burned once used, and the ledger
-    accepts the next step too, so a test may prove one identity twice within 30 s."""
-    return pyotp.TOTP(SECRETS[name]).at(time.time() + 30 * ahead)
+#: An unused code of a person's for each call (codes are burned once used).
+codes = code = Codes(SECRETS)
 
 
 def _run(name: str, **params: Any) -> PromotionResult:
@@ -116,7 +115,7 @@ def test_dev_to_staging_to_prod_with_two_verified_approvals(
         lambda: form("bob", dev.image.digest),                  # platform
     ])
     prod = _run(f"{app_name}-prod", app=app_name, environment="prod", image=image,
-                requested_by="trent", requester_code=code("trent", ahead=1))
+                requested_by="trent", requester_code=code("trent"))
     t2.join(30)
     assert prod_resumer.error is None, prod_resumer.error
     assert prod.approved_by == ("alice", "bob")

@@ -21,7 +21,7 @@ from portcullis.audit import AuditEntry, AuditLog
 from portcullis.errors import PolicyRefusal
 from tests.conftest import REPO_ROOT, AppRepo, PipelineEnv
 from tests.support.approval_driver import Resumer
-from tests.test_gated_promotions import form
+from tests.test_gated_promotions import code, form
 from tests.test_gated_promotions import gated as gated  # noqa: PLC0414 - the fixture, by name
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
@@ -40,7 +40,8 @@ def _promote(app: str, environment: str, approvers: tuple[str, ...] = (), **kw: 
     digest = kw.get("image", "@").split("@")[1]
     thread = resumer.play([lambda a=a: form(a, digest) for a in approvers]) if approvers else None
     result = promote.with_options(flow_run_name=name)(
-        app=app, environment=environment, requested_by="trent", **kw)
+        app=app, environment=environment, requested_by="trent",
+        requester_code=code("trent") if environment != "dev" else "", **kw)
     if thread is not None:
         thread.join(30)
         assert resumer.error is None, resumer.error

@@ -1,14 +1,13 @@
 """Real public Sigstore bundles verify offline; a wrong identity, issuer or byte does not.
 
-The bundles come from sigstore-python's and cosign's own test suites (see the fixtures'
-README). They live in the shared fixtures folder beside the clone, not in the repository.
+The bundles come from sigstore-python's and cosign's own test suites (public data, see
+tests/fixtures/sigstore/README.md), kept in the repository so that no run can skip them.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,8 @@ import pytest
 from portcullis.errors import VerificationFailed
 from portcullis.signing import KeylessVerifier, SignerIdentity
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sigstore"
 
-def _fixtures_dir() -> Path:
-    configured = os.environ.get("PORTCULLIS_SIGSTORE_FIXTURES")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sigstore"
-
-
-FIXTURES = _fixtures_dir()
-
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "bundle_v3_github.whl.sigstore").is_file(),
-    reason=(
-        f"public Sigstore fixtures not found at {FIXTURES}: put shared/ beside the clone "
-        "or set PORTCULLIS_SIGSTORE_FIXTURES"
-    ),
-)
 
 WHEEL_SIGNER = SignerIdentity(
     identity="https://github.com/trailofbits/rfc8785.py/.github/workflows/release.yml@refs/tags/v0.1.2",

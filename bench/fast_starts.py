@@ -337,10 +337,10 @@ def _waiting_memory(client: SyncPrefectClient, config: ProductionConfig, people:
     after = {name: _tree_memory(pid) for name, pid in pids.items()}
     mib = 1024 * 1024
     lines = [f"\n{count} staging promotions waiting for approval (set up in {setup:.0f}s):",
-             "| process tree                                   | RSS before | RSS waiting "
-             "| PSS before | PSS waiting |",
-             "|------------------------------------------------|------------|-------------"
-             "|------------|-------------|"]
+             ("| process tree                                   | RSS before | RSS waiting "
+             "| PSS before | PSS waiting |"),
+             ("|------------------------------------------------|------------|-------------"
+             "|------------|-------------|")]
     rows = [*pids, "total"]
     before["total"] = (sum(v[0] for v in before.values()), sum(v[1] for v in before.values()))
     after["total"] = (sum(v[0] for v in after.values()), sum(v[1] for v in after.values()))

@@ -221,16 +221,21 @@ def _promotion(client: SyncPrefectClient, people: People, kind: str, i: int, app
                                                  name=f"{app}-{kind}-{i}")
     seen: set[UUID] = set()
     submitted = datetime.now(UTC)
-    for approver in approvals:
-        _waiting_form(client, run.id, seen)
-        submitted = datetime.now(UTC)
-        result = client.resume_flow_run(run.id, run_input=_form(people, approver, digest))
-        if result.status.value != "ACCEPT":
-            raise RuntimeError(f"approval refused: {result.details}")
-    next_stage = _first_task_after(client, run.id, submitted)
-    done = wait_final(client, run.id, timeout=600)
-    if done.state_name != "Completed":
-        raise RuntimeError(f"{done.name} ended {done.state_name}: {done.state.message if done.state else ''}")
+    try:
+        for approver in approvals:
+            _waiting_form(client, run.id, seen)
+            submitted = datetime.now(UTC)
+            result = client.resume_flow_run(run.id, run_input=_form(people, approver, digest))
+            if result.status.value != "ACCEPT":
+                raise RuntimeError(f"approval refused: {result.details}")
+        next_stage = _first_task_after(client, run.id, submitted)
+        done = wait_final(client, run.id, timeout=600)
+        if done.state_name != "Completed":
+            raise RuntimeError(f"ended {done.state_name}")
+    except (RuntimeError, TimeoutError) as exc:
+        now = client.read_flow_run(run.id)
+        raise RuntimeError(f"{run.name} {exc}; now {now.state_name}: "
+                           f"{now.state.message if now.state else ''}") from exc
     first = min(t.start_time for t in _tasks(client, run.id))
     return (first - run.created).total_seconds(), (next_stage - submitted).total_seconds()
 
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     figures: dict[str, tuple[list[float], list[float]]] = {}
     memory: list[str] = []
+    failures: list[str] = []
     try:
         with _stack(state, people, tickets, app) as (config, _auth), \
                 get_client(sync_client=True) as client:
@@ -285,8 +291,13 @@ def main(argv: list[str] | None = None) -> None:
             for kind in ("staging", "prod", "emergency"):
                 firsts, nexts = [], []
                 for i in range(args.runs):
-                    first, nxt = _promotion(client, people, kind, i, app, image, digest,
-                                            tickets[i] if kind == "emergency" else None)
+                    try:
+                        first, nxt = _promotion(client, people, kind, i, app, image, digest,
+                                                tickets[i] if kind == "emergency" else None)
+                    except RuntimeError as exc:  # reported and counted, the bench goes on
+                        failures.append(str(exc))
+                        print(f"{kind:9} {i:2}: FAILED {exc}", flush=True)
+                        continue
                     firsts.append(first)
                     nexts.append(nxt)
                     print(f"{kind:9} {i:2}: trigger -> first task {first:5.2f}s, "
@@ -303,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         print(_row(f"{kind}: trigger -> first task", firsts, "<= 3 s", TODAY["trigger -> first task"]))
         print(_row(f"{kind}: approval -> next stage", nexts, "<= 2 s", TODAY["approval -> next stage"]))
     print("\n".join(memory))
+    print(f"\n{len(failures)} promotion(s) failed" + "".join(f"\n  {f}" for f in failures))
 
 
 def _waiting_memory(client: SyncPrefectClient, config: ProductionConfig, people: People,

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, cast
@@ -51,6 +52,9 @@ from portcullis.audit import AuditEntry, AuditLog
 from portcullis.errors import PolicyRefusal, PortcullisError
 from portcullis.sides import WORKER_CONFIG_VAR, Side, WorkerConfig, load_worker_config
 from portcullis.zygote import Zygote, ZygoteUnavailable
+
+#: The run this submission checked and its ``flow/deployment`` (set around each submission).
+_CHECKED: ContextVar[tuple[UUID, str] | None] = ContextVar("portcullis_checked", default=None)
 
 #: Variables of the worker's own environment a flow process needs to find its tools.
 PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -213,7 +217,6 @@ class PortcullisWorker(ProcessWorker):
                          create_pool_if_not_found=False, limit=limit)
         self.config = config
         self.config_path = config_path
-        self._entrypoints: dict[UUID, str] = {}
         self.zygote: Zygote | None = None
 
     def _run_environment(self) -> dict[str, str]:
@@ -256,11 +259,13 @@ class PortcullisWorker(ProcessWorker):
             if task_status is not None:
                 task_status.started(refusal)
             return refusal
-        self._entrypoints[flow_run.id] = key
+        # Handed to run() through the context of this submission, not a dict keyed by run id:
+        # a resumed run can be submitted again while its suspended attempt is still ending.
+        token = _CHECKED.set((flow_run.id, key))
         try:
             return await super()._submit_run_and_capture_errors(flow_run, task_status)
         finally:
-            self._entrypoints.pop(flow_run.id, None)
+            _CHECKED.reset(token)
 
     async def _check(self, flow_run: FlowRun) -> tuple[str | None, str | None]:
         # Everything read fresh from the API now, not the worker's cached pool snapshot.
@@ -299,9 +304,10 @@ class PortcullisWorker(ProcessWorker):
         from the pool template and job variables) is ignored on purpose."""
         if task_status is None:
             task_status = anyio.TASK_STATUS_IGNORED
-        key = self._entrypoints.get(flow_run.id)
-        if key is None:
+        checked = _CHECKED.get()
+        if checked is None or checked[0] != flow_run.id:
             raise PolicyRefusal(f"flow run {flow_run.id} was not checked by this worker")
+        key = checked[1]
         env = self._run_environment()
         argv = [sys.executable, "-m", "portcullis.engine", "--config", str(self.config_path),
                 "--deployment", key]

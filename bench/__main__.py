@@ -21,6 +21,7 @@ BENCHES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.board", ()),
     ("bench.canary_sim", ()),
     ("bench.worker_start", ("5",)),
+    ("bench.fast_starts", ()),
 )
 
 

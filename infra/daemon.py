@@ -15,21 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from portcullis.errors import PortcullisError
+from portcullis.zygote import process_ended
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    return not process_ended(pid)
 
 
 def running_pid(pid_file: Path) -> int | None:

@@ -63,6 +63,11 @@ class WorkerConfig(Frozen):
     environment: dict[str, str] = Field(
         default_factory=dict, description="the exact PORTCULLIS_* settings of every flow run"
     )
+    start: Literal["warm", "cold"] = Field(
+        default="cold",
+        description="warm: fork each run from a pre-imported parent (portcullis.zygote); "
+        "cold: a fresh `python -m portcullis.engine` per run",
+    )
 
     @field_validator("checkout", "audit_log")
     @classmethod
@@ -92,7 +97,7 @@ class WorkerConfig(Frozen):
     def to_toml(self) -> str:
         """The file :func:`load_worker_config` reads back (JSON strings are TOML strings)."""
         lines = [f"{key} = {json.dumps(str(getattr(self, key)))}"
-                 for key in ("side", "pool", "name", "checkout", "audit_log")]
+                 for key in ("side", "pool", "name", "checkout", "audit_log", "start")]
         lines.append("\n[deployments]")
         lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in sorted(self.deployments.items())]
         lines.append("\n[environment]")

@@ -27,9 +27,10 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 from uuid import UUID
 
 import anyio
@@ -50,6 +51,10 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 from portcullis.audit import AuditEntry, AuditLog
 from portcullis.errors import PolicyRefusal, PortcullisError
 from portcullis.sides import WORKER_CONFIG_VAR, Side, WorkerConfig, load_worker_config
+from portcullis.zygote import Zygote, ZygoteUnavailable
+
+#: The run this submission checked and its ``flow/deployment`` (set around each submission).
+_CHECKED: ContextVar[tuple[UUID, str] | None] = ContextVar("portcullis_checked", default=None)
 
 #: Variables of the worker's own environment a flow process needs to find its tools.
 PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -139,14 +144,18 @@ def run_environment(config: WorkerConfig, config_path: Path,
 class FlowProcessStarter:
     """Starts one flow process (:mod:`portcullis.engine`) with exactly ``env`` in ``cwd``.
 
-    The seam for faster starts: a starter that forks from a warm, pre-imported parent can
-    replace this one without touching the refusal logic.
+    With a ``zygote`` (a warm start, the default) the process is forked from the worker's
+    pre-imported parent (:mod:`portcullis.zygote`), which has exactly this environment and
+    directory; when that parent cannot be started or does not fork, the run starts cold as
+    ``argv``. Either way the run was checked (:func:`refusal_reason`) before.
     """
 
     argv: list[str]
     env: dict[str, str]
     cwd: Path
     control_channel: Any = None
+    zygote: Zygote | None = None
+    deployment: str | None = None
 
     async def start(
         self,
@@ -158,15 +167,15 @@ class FlowProcessStarter:
         env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
         # Hooks run in the flow process only; the worker never loads flow code for them.
         env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
-        registered = False
+        control: tuple[int, str] | None = None
         if self.control_channel is not None:
             try:
-                port, token = self.control_channel.register(flow_run.id)
+                control = self.control_channel.register(flow_run.id)
             except RuntimeError:
                 pass  # no loopback listener: cancellation falls back to killing the process
             else:
-                env["PREFECT__CONTROL_PORT"], env["PREFECT__CONTROL_TOKEN"] = str(port), token
-                registered = True
+                assert control is not None
+                env["PREFECT__CONTROL_PORT"], env["PREFECT__CONTROL_TOKEN"] = str(control[0]), control[1]
         handed_off = False
 
         def handed(process: anyio.abc.Process) -> ProcessHandle:
@@ -175,10 +184,21 @@ class FlowProcessStarter:
             return ProcessHandle(process)
 
         try:
+            if self.zygote is not None and self.deployment is not None:
+                try:
+                    child = await self.zygote.fork(flow_run.id, self.deployment, control)
+                except ZygoteUnavailable as exc:
+                    print(f"portcullis worker: warm start of {flow_run.id} failed ({exc}); "
+                          "starting it cold", file=sys.stderr, flush=True)
+                else:
+                    handed_off = True
+                    task_status.started(ProcessHandle(cast(Any, child)))
+                    await child.wait()
+                    return
             await run_process(self.argv, stream_output=True, task_status=task_status,
                               task_status_handler=handed, env=env, cwd=self.cwd)
         except BaseException:
-            if registered and not handed_off:
+            if control is not None and not handed_off:
                 self.control_channel.unregister(flow_run.id)
             raise
 
@@ -197,7 +217,31 @@ class PortcullisWorker(ProcessWorker):
                          create_pool_if_not_found=False, limit=limit)
         self.config = config
         self.config_path = config_path
-        self._entrypoints: dict[UUID, str] = {}
+        self.zygote: Zygote | None = None
+
+    def _run_environment(self) -> dict[str, str]:
+        settings = get_current_settings().to_environment_variables(exclude_unset=True)
+        return run_environment(self.config, self.config_path, os.environ,
+                               {k: str(v) for k, v in settings.items() if v is not None})
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        if self.config.start == "warm":
+            env = self._run_environment()
+            env["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
+            self.zygote = Zygote(self.config_path, env, self.config.checkout)
+            try:
+                await self.zygote.start()
+            except ZygoteUnavailable as exc:  # each run tries again, and starts cold meanwhile
+                self._logger.warning("warm starts unavailable for now: %s", exc)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:
+            if self.zygote is not None:
+                await self.zygote.stop()
 
     async def _submit_run_and_capture_errors(
         self,
@@ -215,11 +259,13 @@ class PortcullisWorker(ProcessWorker):
             if task_status is not None:
                 task_status.started(refusal)
             return refusal
-        self._entrypoints[flow_run.id] = key
+        # Handed to run() through the context of this submission, not a dict keyed by run id:
+        # a resumed run can be submitted again while its suspended attempt is still ending.
+        token = _CHECKED.set((flow_run.id, key))
         try:
             return await super()._submit_run_and_capture_errors(flow_run, task_status)
         finally:
-            self._entrypoints.pop(flow_run.id, None)
+            _CHECKED.reset(token)
 
     async def _check(self, flow_run: FlowRun) -> tuple[str | None, str | None]:
         # Everything read fresh from the API now, not the worker's cached pool snapshot.
@@ -258,17 +304,17 @@ class PortcullisWorker(ProcessWorker):
         from the pool template and job variables) is ignored on purpose."""
         if task_status is None:
             task_status = anyio.TASK_STATUS_IGNORED
-        key = self._entrypoints.get(flow_run.id)
-        if key is None:
+        checked = _CHECKED.get()
+        if checked is None or checked[0] != flow_run.id:
             raise PolicyRefusal(f"flow run {flow_run.id} was not checked by this worker")
-        settings = get_current_settings().to_environment_variables(exclude_unset=True)
-        env = run_environment(self.config, self.config_path, os.environ,
-                              {k: str(v) for k, v in settings.items() if v is not None})
+        key = checked[1]
+        env = self._run_environment()
         argv = [sys.executable, "-m", "portcullis.engine", "--config", str(self.config_path),
                 "--deployment", key]
         execution: FlowRunExecutionResult | None = None
         async with FlowRunExecutorContext() as ctx:
-            starter = FlowProcessStarter(argv, env, self.config.checkout, ctx.control_channel)
+            starter = FlowProcessStarter(argv, env, self.config.checkout, ctx.control_channel,
+                                         self.zygote, key)
             executor = ctx.create_executor(flow_run, starter, resolve_flow=self._resolve_flow,
                                            propose_submitting=False)
 

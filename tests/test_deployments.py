@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,11 +51,8 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 
 from infra.daemon import stop_daemon
 from infra.demo_data import (
-    ensure_promotion_keys,
     ensure_signing_keys,
     ensure_trivy_db,
-    promotion_env,
-    trusted_keys_env,
 )
 from infra.docker_engine import DockerEngine
 from infra.production import POOLS, ProductionConfig, down, state_urls, up
@@ -74,7 +70,8 @@ from tests.support.production import (
     secrets_found,
     wait_final,
 )
-from tests.support.servicenow import PASSWORD, USER, TableApi, incident_row, serve
+from tests.support.promotion_setup import init_app_repo, stack_environment, write_policies
+from tests.support.servicenow import PASSWORD, TableApi, incident_row, serve
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
               pytest.mark.timeout(600)]
@@ -86,8 +83,6 @@ SECRETS = {name: pyotp.random_base32() for name in
 GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call",
           "olga": "on-call", "oscar": "on-call", "trent": "developers", "erin": "developers", "frank": "developers",
           "gina": "developers", "hank": "developers"}
-GIT_ENV = {"GIT_AUTHOR_NAME": "Ada Author", "GIT_AUTHOR_EMAIL": "ada@example.com",
-           "GIT_COMMITTER_NAME": "Ada Author", "GIT_COMMITTER_EMAIL": "ada@example.com"}
 TICKETS = {"open-p1": "INC0020001", "closed": "INC0020002", "p3": "INC0020003",
            "other-app": "INC0020004", "unknown": "INC0029999"}
 # Tickets for the attacks on the emergency path (each valid when the run starts).
@@ -100,22 +95,7 @@ REQUESTERS = {"open-p1": "trent", "closed": "erin", "p3": "frank", "other-app": 
 def _policies(directory: Path) -> None:
     """dev: no approval; staging: one approval; prod: frozen now, with an on-call emergency
     rule. No canary: the router and its analysis are tested in test_canary_rollout."""
-    directory.mkdir()
-    base = ('allowed_branches = ["main"]\nallowed_repositories = ["file://*"]\n'
-            '[scan]\nthreshold = "HIGH"\n')
-    (directory / "dev.toml").write_text('environment = "dev"\n' + base)
-    (directory / "staging.toml").write_text(
-        'environment = "staging"\npromote_from = "dev"\n' + base +
-        '[approval]\nrequired_approvals = 1\ntimeout = "PT5M"\n[freeze]\ncalendar = "off"\n')
-    (directory / "prod.toml").write_text(
-        'environment = "prod"\npromote_from = "staging"\n' + base +
-        '[approval]\nrequired_approvals = 2\nrequired_groups = ["security", "platform"]\n'
-        'timeout = "PT5M"\n'
-        '[emergency_approval]\nrequired_approvals = 1\neligible_groups = ["on-call"]\n'
-        'timeout = "PT5M"\n'
-        '[freeze]\ncalendar = "off"\n[[freeze.windows]]\nkind = "once"\nname = "launch-week"\n'
-        'reason = "marketing launch"\ntz = "UTC"\n'
-        'start = "2020-01-01T00:00:00"\nend = "2099-01-01T00:00:00"\n')
+    write_policies(directory, prod_frozen=True)
 
 
 def _approvers(path: Path) -> None:
@@ -124,13 +104,6 @@ def _approvers(path: Path) -> None:
         f'[[approver]]\nname = "{n}"\ngroups = ["{GROUPS[n]}"]\naliases = ["{n}@example.com"]\n'
         f'totp_secret = "{s}"\n\n' for n, s in SECRETS.items()))
     path.chmod(0o600)
-
-
-def _app_repo(path: Path) -> None:
-    shutil.copytree(REPO_ROOT / "examples" / "hello", path)
-    env = {**os.environ, **GIT_ENV}
-    for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "hello v1"]):
-        subprocess.run(["git", "-C", str(path), *argv], check=True, env=env, capture_output=True)
 
 
 #: An unused code of a person's for each call (codes are burned once used).
@@ -193,7 +166,7 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
     app, app_repo = f"t-{secrets.token_hex(3)}", state / "app"
     _policies(policies)
     _approvers(approvers)
-    _app_repo(app_repo)
+    init_app_repo(app_repo)
     private_pem, password, public_pem = ensure_signing_keys(home)
     ensure_trivy_db(home / "trivy")
     now = datetime.now(UTC)
@@ -212,31 +185,10 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
     with serve(incidents) as incidents_url, pytest.MonkeyPatch.context() as mp:
         # `up` hands each worker its side's variables and the shared ones from this
         # environment; nothing else named PORTCULLIS_* reaches a worker.
-        for key, value in {
-            "PORTCULLIS_HOME": str(home),
-            "PORTCULLIS_POLICY_DIR": str(policies),
-            "PORTCULLIS_APPROVAL_POLL_SECONDS": "1",
-            "PORTCULLIS_REPO_DIR": str(REPO_ROOT),
-            "PORTCULLIS_BUILD_REGISTRY": registry.address,
-            "PORTCULLIS_BUILD_REGISTRY_USERNAME": builder.username,
-            "PORTCULLIS_BUILD_REGISTRY_PASSWORD": builder.password,
-            "PORTCULLIS_BUILD_DOCKER_HOST": docker_engine.host,
-            "PORTCULLIS_BUILD_SIGNING_MODE": "key",
-            "PORTCULLIS_BUILD_COSIGN_PRIVATE_KEY": private_pem,
-            "PORTCULLIS_BUILD_COSIGN_PASSWORD": password,
-            "PORTCULLIS_DEPLOY_REGISTRY": registry.address,
-            "PORTCULLIS_DEPLOY_REGISTRY_USERNAME": deployer.username,
-            "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deployer.password,
-            "PORTCULLIS_DEPLOY_DOCKER_HOST": docker_engine.host,
-            "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
-            "PORTCULLIS_DEPLOY_PROMOTER_USERNAME": "promoter",
-            "PORTCULLIS_DEPLOY_PROMOTER_PASSWORD": registry.account("promoter").password,
-            **promotion_env(ensure_promotion_keys(home)),
-            "PORTCULLIS_INCIDENTS_BASE_URL": incidents_url,
-            "PORTCULLIS_INCIDENTS_USERNAME": USER,
-            "PORTCULLIS_INCIDENTS_PASSWORD": PASSWORD,
-            "PORTCULLIS_APPROVERS_FILE": str(approvers),
-        }.items():
+        for key, value in stack_environment(
+                home=home, policies=policies, approvers=approvers, registry=registry,
+                docker_host=docker_engine.host, signing=(private_pem, password, public_pem),
+                incidents_url=incidents_url).items():
             mp.setenv(key, value)
         try:
             started = time.monotonic()

@@ -19,6 +19,7 @@ BENCHES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench.audit_verify", ()),
     ("bench.state_store", ()),
     ("bench.board", ()),
+    ("bench.build_reuse", ()),
     ("bench.canary_sim", ()),
     ("bench.worker_start", ("5",)),
     ("bench.fast_starts", ()),

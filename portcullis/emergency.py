@@ -1,6 +1,6 @@
 """Re-authorising an incident ticket for one more emergency promotion.
 
-A ticket opens one emergency promotion (:class:`~portcullis.incidents.TicketUseStore`). When
+A ticket opens one emergency promotion (:class:`~portcullis.state.StoreTicketUseStore`). When
 an incident really needs a second emergency change, a person eligible on the emergency path
 (on call) says so with their verified code; the re-authorisation is kept with the ticket and in
 the audit trail, so it shows in the post-incident review.

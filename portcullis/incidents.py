@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import json
 import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol, assert_never, runtime_checkable
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import AwareDatetime, Field, SecretStr
 
-from portcullis.audit import file_lock, write_atomic
 from portcullis.errors import ConfigurationError, PolicyRefusal, TransientError
 from portcullis.models import Frozen
 
@@ -458,80 +455,3 @@ class TicketUse(Frozen):
     def allowed(self) -> int:
         """How many emergency promotions the ticket may serve: one, plus one per re-authorisation."""
         return 1 + len(self.reauthorisations)
-
-
-def ticket_store_path(audit_path: Path) -> Path:
-    """Where the ticket-use store lives next to an audit log."""
-    return audit_path.with_name(audit_path.name + ".tickets.json")
-
-
-class TicketUseStore:
-    """Which emergency promotions each ticket served, so one ticket is not a standing key.
-
-    A JSON file next to the audit log, guarded by a file lock (safe for concurrent runs on one
-    host). Claiming is idempotent for the same run (a retried flow run keeps its claim).
-
-    Args:
-        path: the JSON file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = path.with_name(path.name + ".lock")
-
-    def _read(self) -> dict[str, TicketUse]:
-        if not self.path.exists():
-            return {}
-        raw = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        if not isinstance(raw, dict):
-            raise ConfigurationError(f"ticket store {self.path} is not a JSON object")
-        return {k: TicketUse.model_validate(v) for k, v in raw.items()}
-
-    def _write(self, uses: dict[str, TicketUse]) -> None:
-        body = {k: v.model_dump(mode="json") for k, v in sorted(uses.items())}
-        write_atomic(self.path, json.dumps(body, sort_keys=True).encode() + b"\n")
-
-    def get(self, ticket: str) -> TicketUse:
-        """What ``ticket`` has served so far."""
-        key = ticket.strip().upper()
-        return self._read().get(key, TicketUse(ticket=key))
-
-    def claim(self, ticket: str, run_id: str) -> TicketUse:
-        """Let ``ticket`` serve the emergency promotion ``run_id``.
-
-        Raises:
-            PolicyRefusal: the ticket already served as many promotions as it is allowed.
-        """
-        key = ticket.strip().upper()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(self._lock):
-            uses = self._read()
-            use = uses.get(key, TicketUse(ticket=key))
-            if run_id in use.runs:
-                return use
-            if len(use.runs) >= use.allowed:
-                raise PolicyRefusal(
-                    f"ticket {key} already served emergency promotion(s) {', '.join(use.runs)}; "
-                    "one ticket opens one emergency promotion",
-                    hint=f"an on-call approver may re-authorise it: python -m portcullis "
-                    f"reauthorise-ticket {key} --approver ID --code CODE --reason WHY",
-                )
-            use = use.model_copy(update={"runs": (*use.runs, run_id)})
-            uses[key] = use
-            self._write(uses)
-            return use
-
-    def reauthorise(self, ticket: str, by: str, reason: str, at: datetime) -> TicketUse:
-        """Allow ``ticket`` one more emergency promotion; ``by`` must be a verified person."""
-        key = ticket.strip().upper()
-        if not reason.strip():
-            raise PolicyRefusal("a ticket re-authorisation needs a reason")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(self._lock):
-            uses = self._read()
-            use = uses.get(key, TicketUse(ticket=key))
-            entry = {"by": by, "at": at.astimezone(UTC).isoformat(), "reason": reason.strip()}
-            use = use.model_copy(update={"reauthorisations": (*use.reauthorisations, entry)})
-            uses[key] = use
-            self._write(uses)
-            return use

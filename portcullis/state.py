@@ -13,7 +13,7 @@ The adapters implement the interfaces the file stores have (:class:`StoreAuditLo
 :class:`~portcullis.audit.AuditTrail`, :class:`StoreReplayStore` a
 :class:`~portcullis.approval.ReplayStore`; the pin, review and ticket stores have the methods
 of :class:`~portcullis.pins.PinStore`, :class:`~portcullis.reviews.ReviewStore` and
-:class:`~portcullis.incidents.TicketUseStore`), so callers change only where they construct a
+the ticket rules of the emergency path), so callers change only where they construct a
 store: :func:`open_state` returns them all for the configured URL.
 
 Concurrency: audit appends serialise on a PostgreSQL advisory lock (SQLite: ``BEGIN
@@ -671,7 +671,7 @@ class StoreReviewStore(ReviewBook):
 
 class StoreTicketUseStore:
     """Emergency ticket use in the shared store (the methods of
-    :class:`~portcullis.incidents.TicketUseStore`)."""
+    :class:`~portcullis.incidents.TicketUse`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -34,8 +34,9 @@ from portcullis.approval import (
 from portcullis.change import change_between, local_repository
 from portcullis.errors import PolicyRefusal
 from portcullis.freeze import ChangeCalendar, evaluate_freeze
-from portcullis.incidents import Incident, IncidentState, TicketUseStore, check_emergency_ticket
+from portcullis.incidents import Incident, IncidentState, check_emergency_ticket
 from portcullis.policy import load_policy
+from portcullis.state import open_state_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {n: pyotp.random_base32() for n in ("trent", "olga", "bob")}
@@ -160,7 +161,7 @@ def test_a_ticket_opened_in_the_future_or_too_long_ago_is_refused() -> None:
 
 
 def test_a_ticket_opens_one_emergency_promotion_unless_a_person_reauthorises_it(tmp_path: Path) -> None:
-    store = TicketUseStore(tmp_path / "tickets.json")
+    store = open_state_url(f"sqlite:///{tmp_path / 'state.db'}").tickets
     store.claim("inc0010001", "run-1")
     assert store.claim("INC0010001", "run-1").runs == ("run-1",)  # a retried run keeps its claim
     with pytest.raises(PolicyRefusal, match="already served emergency promotion"):

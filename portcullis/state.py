@@ -12,7 +12,7 @@ that state in a SQL database through SQLAlchemy Core, with two backends:
 The adapters implement the interfaces the file stores have (:class:`StoreAuditLog` is an
 :class:`~portcullis.audit.AuditTrail`, :class:`StoreReplayStore` a
 :class:`~portcullis.approval.ReplayStore`; the pin, review and ticket stores have the methods
-of :class:`~portcullis.pins.PinStore`, :class:`~portcullis.reviews.ReviewStore` and
+of the pin rules (:class:`~portcullis.pins.Pin`), :class:`~portcullis.reviews.ReviewStore` and
 the ticket rules of the emergency path), so callers change only where they construct a
 store: :func:`open_state` returns them all for the configured URL.
 
@@ -570,7 +570,7 @@ class StoreReplayStore(ReplayStore):
 
 
 class StorePinStore:
-    """Environment pins in the shared store (the methods of :class:`~portcullis.pins.PinStore`)."""
+    """Environment pins (:class:`~portcullis.pins.Pin`) in the shared store."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

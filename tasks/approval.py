@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, cast
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -253,10 +253,13 @@ def _answered_at(run_id: str, state_name: str, key: str) -> datetime | None:
     return found[0].created if found else None
 
 
-def _durable() -> bool:
-    # A run of a deployment can wait without a process: Prefect suspends it and a worker
-    # runs it again from the top when it is resumed. A run without one (the local stack's
-    # in-process flow) can only pause and keep its process.
+def waits_durably() -> bool:
+    """Whether this flow run can wait for people without a process.
+
+    A run of a deployment can: Prefect suspends it and a worker runs it again from the top
+    when it is resumed. A run without one (the local stack's in-process flow) can only pause
+    and keep its process.
+    """
     context = FlowRunContext.get()
     return bool(context and context.flow_run and context.flow_run.deployment_id)
 
@@ -400,7 +403,7 @@ def request_approvals(
     logger = get_run_logger()
     subject = context
     store = replay or replay_store_for(audit)
-    durable = _durable()
+    durable = waits_durably()
     ledger = _open_ledger(policy, directory, subject, store, audit, "approval.requested",
                           "approval", durable, clock)
 
@@ -500,19 +503,25 @@ def decide_inconclusive_canary(
         the decision and who made it ("timeout" when nobody did).
     """
     store = replay or replay_store_for(audit)
-    # The canary holds its container (at no traffic) while a person decides, so this wait
-    # keeps its process: a resumed run would start the rollout again from the top.
+    # Waiting without a process (a suspended run), the canary was removed before asking (see
+    # tasks/canary.py rollout_with_person); otherwise it is held at no traffic meanwhile.
+    durable = waits_durably()
+    if durable:
+        for record in audit.run_records(subject.run_id):
+            if record.event == "canary.decision":  # decided before this run came back
+                return cast(Literal["promote", "rollback"], record.details["decision"]), record.actor
     ledger = _open_ledger(policy, directory, subject, store, audit, "canary.decision-requested",
-                          "canary", False, clock, analysis=analysis)
+                          "canary", durable, clock, analysis=analysis)
 
     def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
         return (f"## The canary is Inconclusive\n\n{md_text(analysis, 2000)}\n\n"
-                "Answer **promote** to give it all traffic or **rollback** to return to stable.\n\n"
+                "Answer **promote** to give the new version all traffic or **rollback** to keep "
+                "the stable version.\n\n"
                 + render_approval_request(ledger, now, notice=notice))
 
     state = _collect(ledger, audit, form=CanaryDecisionForm, render=render,
                      poll_interval=poll_interval, clock=clock, ledger_key="canary",
-                     durable=False)
+                     durable=durable)
     if state is LedgerState.SATISFIED:
         who = ledger.approvals[0].approver
         audit.append(_entry(subject, "canary.decision", who, decision="promote"))

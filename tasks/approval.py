@@ -30,6 +30,8 @@ from prefect.exceptions import FlowPauseTimeout, Pause
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.input.run_input import keyset_from_base_key
+from prefect.states import Scheduled
+from prefect.utilities.engine import propose_state_sync
 from pydantic import Field, ValidationError
 
 from portcullis.approval import (
@@ -365,6 +367,24 @@ def termination_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), signal.SIGTERM)
 
 
+def wait_timer_without_process(until: datetime) -> NoReturn:
+    """End this process and have the run started again at ``until`` (the wait timer).
+
+    The run moves itself to Scheduled at ``until``; a worker picks it up then, and the run
+    comes back through the same restore path as a resumed approval (the ledger, satisfied,
+    is rebuilt from the run's records; the freeze and the evidence are checked again).
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        raise RuntimeError("only a flow run can wait for its wait timer without a process")
+    with termination_deferred(), get_client(sync_client=True) as client:
+        state = propose_state_sync(client, Scheduled(scheduled_time=until, name="Wait timer"),
+                                   flow_run_id=context.flow_run.id)
+        if not state.is_scheduled():
+            raise RuntimeError(f"the run could not wait for its wait timer: the server answered {state}")
+        raise Pause(state=state)
+
+
 def request_approvals(
     context: ApprovalSubject,
     policy: ApprovalPolicy,
@@ -424,6 +444,10 @@ def request_approvals(
     if state is LedgerState.TIMED_OUT:
         _time_out(audit, subject, ledger)
 
+    if durable and not ledger.may_proceed(clock()):
+        logger.info("approved; wait timer runs until %s (no process waits for it)",
+                    ledger.ready_at.isoformat())
+        wait_timer_without_process(ledger.ready_at)
     while not ledger.may_proceed(clock()):
         wait = (ledger.ready_at - clock()).total_seconds()
         logger.info("approved; wait timer runs until %s", ledger.ready_at.isoformat())

@@ -611,8 +611,9 @@ def worker_config(config: ProductionConfig, side: Side,
         checkout=Path(chosen.get("PORTCULLIS_REPO_DIR", REPO_ROOT)).resolve(),
         audit_log=Path(chosen.get("PORTCULLIS_AUDIT_LOG", home / "audit" / "audit.jsonl")),
         deployments=ENTRYPOINTS[side], environment=chosen | _state_settings(config, side),
-        # The operator's choice (warm starts are opt-in until they have run longer here).
-        start="warm" if os.environ.get("PORTCULLIS_PRODUCTION_WORKER_START") == "warm" else "cold",
+        # Warm by default (runs start in about a second); PORTCULLIS_PRODUCTION_WORKER_START=cold
+        # gives each run a fresh interpreter.
+        start="cold" if os.environ.get("PORTCULLIS_PRODUCTION_WORKER_START") == "cold" else "warm",
     )
 
 

@@ -64,7 +64,7 @@ class WorkerConfig(Frozen):
         default_factory=dict, description="the exact PORTCULLIS_* settings of every flow run"
     )
     start: Literal["warm", "cold"] = Field(
-        default="cold",
+        default="warm",
         description="warm: fork each run from a pre-imported parent (portcullis.zygote); "
         "cold: a fresh `python -m portcullis.engine` per run",
     )

@@ -59,6 +59,7 @@ from portcullis.change import WhatChanged
 from portcullis.errors import PolicyRefusal
 from portcullis.freeze import FreezeStatus
 from portcullis.state import replay_store_for
+from tasks.progress import StageProgress
 
 
 class _DecisionForm(RunInput):
@@ -279,6 +280,7 @@ def _collect(
     clock: Callable[[], datetime],
     ledger_key: str,
     durable: bool,
+    progress: Callable[[ApprovalLedger], None] | None = None,
 ) -> LedgerState:
     """Offer ``form`` until the ledger is satisfied, rejected or timed out; every answer is
     verified by the ledger and recorded. Returns the final state (never PENDING).
@@ -295,6 +297,8 @@ def _collect(
     while True:
         now = clock()
         state = ledger.state(now)
+        if progress is not None:
+            progress(ledger)
         if state is not LedgerState.PENDING:
             return state
         remaining = max(1, math.ceil((ledger.deadline - now).total_seconds()))
@@ -431,9 +435,18 @@ def request_approvals(
         return render_approval_request(
             ledger, now, freeze=freeze(now) if freeze else None, change=change, notice=notice)
 
+    bar = StageProgress(f"approvals-{subject.app}-{subject.environment}",
+                        f"approvals for {subject.app} {subject.digest[:19]} in {subject.environment}",
+                        policy.required_approvals)
+
+    def progress(ledger: ApprovalLedger) -> None:
+        approvers = ", ".join(a.approver for a in ledger.approvals) or "nobody yet"
+        bar.at(len(ledger.approvals), f"approved by {approvers}; still needed: "
+               f"{ledger.still_needed()}; answer by {ledger.deadline:%Y-%m-%d %H:%M} UTC")
+
     state = _collect(ledger, audit, form=ApprovalForm, render=render,
                      poll_interval=poll_interval, clock=clock, ledger_key="approval",
-                     durable=durable)
+                     durable=durable, progress=progress)
     if state is LedgerState.REJECTED:
         reason = ledger.rejection_reason or "rejected"
         audit.append(_entry(subject, "approval.stopped", "portcullis", reason=reason))

@@ -18,6 +18,11 @@ import pyotp
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterType,
+)
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
@@ -162,6 +167,14 @@ def test_bad_code_is_refused_and_two_approvers_let_the_flow_continue(
     assert resumer.error is None, resumer.error
     assert state.is_completed(), state.message
     assert state.result() == ["alice", "bob"]
+    # The UI shows where the approvals stand as a progress artifact of the run.
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            type=ArtifactFilterType(any_=["progress"])))
+    (bar,) = found
+    assert bar.key == "approvals-hello-prod" and bar.data == 100.0
+    assert bar.description is not None and "2/2 approved by alice, bob" in bar.description
 
     first, second, third, fourth = resumer.descriptions
     assert "Approve hello → prod?" in first and DIGEST in first and COMMIT in first

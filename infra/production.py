@@ -145,9 +145,10 @@ class ProductionConfig:
     prefect_port: int = 4300
     #: Account PostgreSQL runs as when `up` runs as root (PostgreSQL refuses to run as root).
     postgres_user: str = "postgres"
-    #: How often each worker asks its pool for due runs (Prefect's default: 10 s). This is
-    #: most of the delay between triggering a run and its start.
-    worker_query_seconds: float = 10.0
+    #: How often each worker asks its pool for due runs. Prefect's default, 10 s, would be
+    #: most of the delay between triggering a run (or answering a wait) and its start; one
+    #: query a second per worker is little for the server.
+    worker_query_seconds: float = 1.0
     #: How often the server's scheduler turns deployment schedules into runs (Prefect's
     #: default: 60 s; a deployment changed in the last few seconds is scheduled sooner).
     scheduler_loop_seconds: float = 60.0
@@ -163,7 +164,7 @@ class ProductionConfig:
             postgres_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PG_PORT", "5433")),
             prefect_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PREFECT_PORT", "4300")),
             worker_query_seconds=float(
-                os.environ.get("PORTCULLIS_PRODUCTION_WORKER_QUERY_SECONDS", "10")
+                os.environ.get("PORTCULLIS_PRODUCTION_WORKER_QUERY_SECONDS", "1")
             ),
         )
 

@@ -19,10 +19,10 @@ import secrets
 import shutil
 from pathlib import Path
 
+from infra.trivydb import Advisory, Ecosystem, write_trivy_db
 from portcullis.scan import Severity
 from portcullis.signing.cosign_format import generate_key_pair, write_key_pair
 from portcullis.toolrun import run_tool
-from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
 
 DEMO_ADVISORIES = (
     Advisory(

@@ -122,7 +122,7 @@ def ensure_approvers(state_dir: Path) -> Path:
     """The local stack's approver directory (mode 600), enrolled once with fresh TOTP secrets.
 
     On a real deploy worker this file is written by whoever enrolls approvers, and each secret
-    lives in that person's authenticator app; here ``python -m portcullis code NAME`` plays
+    lives in that person's authenticator app; here ``python -m infra.demo code NAME`` plays
     the app.
     """
     import pyotp

@@ -82,21 +82,6 @@ def _reauthorise(ticket: str, approver: str, code: str, reason: str) -> int:
     return 0
 
 
-def _code(name: str) -> int:
-    import pyotp
-
-    from infra.demo_data import ensure_approvers
-    from infra.stack import StackConfig
-    from portcullis.approval import ApproverDirectory
-
-    directory = ApproverDirectory.load(ensure_approvers(StackConfig.from_env().state_dir))
-    approver = directory.get(name)
-    if approver is None:
-        raise PortcullisError(f"no approver {name!r} is enrolled on the local stack")
-    print(pyotp.TOTP(approver.totp_secret.get_secret_value()).now())
-    return 0
-
-
 def _status() -> int:
     from portcullis.board import render_text
     from tasks.board import current_board
@@ -264,8 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     reauth.add_argument("--approver", required=True, help="your approver id")
     reauth.add_argument("--code", required=True, help="your current authenticator code")
     reauth.add_argument("--reason", required=True, help="why this ticket needs another emergency promotion")
-    code = sub.add_parser("code", help="print an approver's current code (plays their authenticator app on the local stack)")
-    code.add_argument("approver")
     sub.add_parser("status", help="the environments board: what runs where, what waits for whom")
     plan = sub.add_parser("plan", help="dry run: every gate for this digest and environment, now")
     plan.add_argument("--app", required=True)
@@ -324,8 +307,6 @@ def main(argv: list[str] | None = None) -> int:
             return _rollback(args)
         if args.command == "dora":
             return _dora(args.days, args.prometheus_textfile, args.publish)
-        if args.command == "code":
-            return _code(args.approver)
         if args.command == "reauthorise-ticket":
             return _reauthorise(args.ticket, args.approver, args.code, args.reason)
         if args.command == "verify-promotion":

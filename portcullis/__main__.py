@@ -42,7 +42,9 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     import httpx
 
-    answer = httpx.get(deployment.url + "cgi-bin/hello", timeout=5)
+    from portcullis.catalog import probe_paths
+
+    answer = httpx.get(deployment.url.rstrip("/") + probe_paths(args.app).load, timeout=5)
     print(f"\n{args.app} is running in {args.environment}: {deployment.url}")
     print(f"  image   {deployment.image}")
     for check in result.verification:

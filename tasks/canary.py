@@ -39,6 +39,7 @@ from portcullis.canary.analysis import (
 )
 from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
+from portcullis.catalog import probe_paths
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.lease import LeaseKeeper, TrafficLease, holder_identity, lease_expiry
@@ -46,8 +47,6 @@ from portcullis.models import Deployment, Frozen, ImageRef
 from tasks.deploy import find_live, retire_others, start_in_free_slot
 from tasks.gates import RunAudit
 
-HEALTH_PATH = "/cgi-bin/healthz"
-LOAD_PATH = "/cgi-bin/hello"
 Record = Callable[..., None]
 
 
@@ -151,19 +150,20 @@ def rollout(
     """
     plan = port_plan(app, environment)
     front = f"http://{creds.public_host}:{plan.front}/"
+    health_path = probe_paths(app).health
     client = creds.docker_client()
     try:
         live, candidate, port = start_in_free_slot(
             client, image, app, environment, commit, creds, approved_by, health_timeout)
         if live is None:
             router.ensure_route(app, environment, listen_port=plan.front, stable_port=port,
-                                health_path=HEALTH_PATH)
+                                health_path=health_path)
             record("canary.skipped", reason="first deploy: no stable version to compare with")
             return _deployment(image, app, environment, candidate, front, None, commit), None
         keeper = _hold_traffic(router, app, environment, str(candidate.id), port, policy)
         try:
             router.ensure_route(app, environment, listen_port=plan.front,
-                                stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
+                                stable_port=plan.slot_port(live.slot), health_path=health_path)
             with keeper.acting():
                 router.point_server(app, environment, ServerRole.CANARY, port)
             report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
@@ -359,6 +359,7 @@ def _analyse(
     verdict = decide(policy, measurements)
     window_start = time.monotonic()
     verdict_at: float | None = None
+    load_url = front.rstrip("/") + probe_paths(app).load
     while not verdict.phase.terminal:
         assert verdict.next_step is not None and verdict.next_weight is not None
         with keeper.acting():
@@ -368,7 +369,7 @@ def _analyse(
         # the previous weight.
         start = datetime.now(UTC) + timedelta(seconds=0.5)
         window_start = time.monotonic() + 0.5
-        load = _Load(front.rstrip("/") + LOAD_PATH, seconds + 0.5) if synthetic_load else None
+        load = _Load(load_url, seconds + 0.5) if synthetic_load else None
         crashed = None
         while datetime.now(UTC) < start + timedelta(seconds=seconds):
             crashed = _container_exit(client, container_id)
@@ -439,7 +440,7 @@ def switch_to(
         if router is not None:
             router.ensure_route(app, environment, listen_port=plan.front,
                                 stable_port=plan.slot_port(live.slot) if live else port,
-                                health_path=HEALTH_PATH)
+                                health_path=probe_paths(app).health)
             router.disable_canary(app, environment)
             router.point_server(app, environment, ServerRole.STABLE, port)
             url = f"http://{creds.public_host}:{plan.front}/"

@@ -2,8 +2,15 @@
 
 * Key pair: cosign's own layout (``sha256-<hex>.sig`` / ``.att`` tags), so ``cosign verify
   --key`` and ``cosign verify-attestation --key`` accept what we push.
-* Keyless (Sigstore): bundles pushed as OCI referrers of the image (the registry's referrers
-  API, or the ``sha256-<hex>`` tag-schema fallback where it has none).
+* Keyless (Sigstore): cosign v3's layout (its BUNDLE_SPEC): each signature or attestation is
+  a Sigstore bundle holding a DSSE-wrapped in-toto statement about the digest, pushed as an OCI
+  1.1 referrer of the image (artifactType ``application/vnd.dev.sigstore.bundle.v0.3+json``,
+  the empty config, the bundle as the only layer, annotations ``dev.sigstore.bundle.content``,
+  ``dev.sigstore.bundle.predicateType`` and ``org.opencontainers.image.created``; the
+  registry's referrers API or the ``sha256-<hex>`` tag-schema fallback). The image signature
+  is the statement cosign v3 signs (predicate type ``https://sigstore.dev/cosign/sign/v1``),
+  so ``cosign verify --certificate-identity ... --certificate-oidc-issuer ...`` and an
+  admission controller that reads cosign's layout find and check it.
 
 Whatever the mode, the verifier's answer is the same: which trusted signer signed this digest,
 and which in-toto statements about this digest that signer vouches for.
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,17 +30,15 @@ from portcullis.errors import VerificationFailed
 from portcullis.models import ImageRef
 from portcullis.oci import RegistryClient
 from portcullis.signing import cosign_format
-from portcullis.signing.keyless import (
-    BUNDLE_MEDIA_TYPE,
-    KeylessSigner,
-    KeylessVerifier,
-    simple_signing_payload,
-)
+from portcullis.signing.keyless import BUNDLE_MEDIA_TYPE, KeylessSigner, KeylessVerifier
 
-# Annotation on a keyless referrer that says what the bundle carries. It is only a hint for
-# finding things: the verifier re-derives everything from the signed content.
-KIND_ANNOTATION = "dev.portcullis.evidence"
-SIMPLESIGNING_MEDIA_TYPE = cosign_format.SIMPLESIGNING_MEDIA_TYPE
+#: The predicate type of a cosign v3 image signature (a statement about the digest, no predicate).
+SIGN_PREDICATE_TYPE = "https://sigstore.dev/cosign/sign/v1"
+# Annotations of cosign's bundle layout. They only help find things: the verifier re-derives
+# everything from the signed content.
+CONTENT_ANNOTATION = "dev.sigstore.bundle.content"
+PREDICATE_TYPE_ANNOTATION = "dev.sigstore.bundle.predicateType"
+CREATED_ANNOTATION = "org.opencontainers.image.created"
 
 
 @dataclass(frozen=True)
@@ -112,31 +118,28 @@ class KeyPairVerifier:
 
 
 class KeylessEvidenceSigner:
-    """Signs keyless with Sigstore and pushes each bundle as an OCI referrer of the image."""
+    """Signs keyless with Sigstore and pushes each bundle as an OCI referrer, as cosign v3 does."""
 
     def __init__(self, client: RegistryClient, signer: KeylessSigner) -> None:
         self._client = client
         self._signer = signer
 
-    def _push(self, image: ImageRef, kind: str, bundle: bytes, payload: bytes | None) -> str:
+    def _push(self, image: ImageRef, predicate_type: str, bundle: bytes) -> str:
         layers = [self._client.push_blob_descriptor(image.repository, bundle, BUNDLE_MEDIA_TYPE)]
-        if payload is not None:
-            layers.append(self._client.push_blob_descriptor(
-                image.repository, payload, SIMPLESIGNING_MEDIA_TYPE))
         subject = self._client.head_manifest(image.repository, image.digest)
         if subject is None:
-            raise VerificationFailed(kind, image.digest, f"{image} is not in the registry")
+            raise VerificationFailed(predicate_type, image.digest, f"{image} is not in the registry")
+        created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         pushed = self._client.attach_artifact(
             image.repository, subject, artifact_type=BUNDLE_MEDIA_TYPE, layers=layers,
-            annotations={KIND_ANNOTATION: kind},
+            annotations={CONTENT_ANNOTATION: "dsse-envelope",
+                         PREDICATE_TYPE_ANNOTATION: predicate_type, CREATED_ANNOTATION: created},
         )
         return f"{image.name}@{pushed.digest}"
 
     def sign_image(self, image: ImageRef) -> str:
-        """Sign the simple-signing payload for the digest; push bundle and payload."""
-        payload = simple_signing_payload(image)
-        bundle = self._signer.sign_image_signature(payload)
-        return self._push(image, "signature", bundle.bundle_bytes(), payload)
+        """Sign cosign v3's image-signature statement about the digest; push its bundle."""
+        return self.attest(image, SIGN_PREDICATE_TYPE, {})
 
     def attest(self, image: ImageRef, predicate_type: str, predicate: dict[str, Any]) -> str:
         """Sign an in-toto statement as a DSSE bundle and push it."""
@@ -144,47 +147,54 @@ class KeylessEvidenceSigner:
             digest=image.digest, subject_name=image.name, predicate_type=predicate_type,
             predicate=predicate,
         )
-        return self._push(image, predicate_type, bundle.bundle_bytes(), None)
+        return self._push(image, predicate_type, bundle.bundle_bytes())
 
 
 class KeylessEvidenceVerifier:
-    """Verifies Sigstore bundles found among the image's referrers."""
+    """Verifies Sigstore bundles found among the image's referrers (cosign v3's layout)."""
 
     def __init__(self, client: RegistryClient, verifiers: Sequence[KeylessVerifier]) -> None:
         self._client = client
         self._verifiers = list(verifiers)
 
-    def _bundles(self, image: ImageRef, kind: str) -> list[tuple[bytes, bytes | None, str]]:
+    def _bundles(self, image: ImageRef, predicate_type: str) -> list[tuple[bytes, str]]:
         found = []
         for ref in self._client.list_referrers(image.repository, image.digest,
                                                artifact_type=BUNDLE_MEDIA_TYPE):
             manifest = json.loads(self._client.get_manifest(image.repository, ref.digest).raw)
-            if manifest.get("annotations", {}).get(KIND_ANNOTATION) != kind:
+            if manifest.get("annotations", {}).get(PREDICATE_TYPE_ANNOTATION) != predicate_type:
                 continue
             # The fallback index is an unsigned pointer list: check the subject ourselves.
             if manifest.get("subject", {}).get("digest") != image.digest:
                 continue
-            layers = manifest.get("layers", [])
-            blobs = {lay["mediaType"]: self._client.get_blob(image.repository, lay["digest"])
-                     for lay in layers}
-            if BUNDLE_MEDIA_TYPE in blobs:
-                found.append((blobs[BUNDLE_MEDIA_TYPE], blobs.get(SIMPLESIGNING_MEDIA_TYPE),
-                              ref.digest))
+            for layer in manifest.get("layers", []):
+                if layer.get("mediaType") == BUNDLE_MEDIA_TYPE:
+                    found.append((self._client.get_blob(image.repository, layer["digest"]),
+                                  ref.digest))
         return found
 
-    def verify_signature(self, image: ImageRef) -> str:
-        """The identity that signed exactly this digest."""
-        if not self._verifiers:
-            raise VerificationFailed("signature", image.digest, "no trusted identities were given")
-        reasons = []
-        for bundle, payload, _ in self._bundles(image, "signature"):
+    def _verified(self, image: ImageRef, predicate_type: str) -> tuple[list[VerifiedEvidence], list[str]]:
+        out, reasons = [], []
+        for bundle, where in self._bundles(image, predicate_type):
             for verifier in self._verifiers:
                 try:
-                    ok = verifier.verify_image_signature(bundle, payload or b"", digest=image.digest)
+                    st = verifier.verify_statement(bundle, digest=image.digest,
+                                                   predicate_type=predicate_type)
                 except VerificationFailed as exc:
                     reasons.append(exc.reason)
                     continue
-                return f"{ok.signer.identity} ({ok.signer.issuer})"
+                out.append(VerifiedEvidence(f"{st.signer.identity} ({st.signer.issuer})",
+                                            st.statement, where))
+                break
+        return out, reasons
+
+    def verify_signature(self, image: ImageRef) -> str:
+        """The identity that signed cosign's image-signature statement about exactly this digest."""
+        if not self._verifiers:
+            raise VerificationFailed("signature", image.digest, "no trusted identities were given")
+        found, reasons = self._verified(image, SIGN_PREDICATE_TYPE)
+        if found:
+            return found[0].signer
         raise VerificationFailed(
             "signature", image.digest,
             "; ".join(dict.fromkeys(reasons)) or "no Sigstore signature is attached to this digest",
@@ -192,18 +202,7 @@ class KeylessEvidenceVerifier:
 
     def statements(self, image: ImageRef, predicate_type: str) -> list[VerifiedEvidence]:
         """Verified statements of ``predicate_type`` about this digest."""
-        out = []
-        for bundle, _, where in self._bundles(image, predicate_type):
-            for verifier in self._verifiers:
-                try:
-                    st = verifier.verify_statement(bundle, digest=image.digest,
-                                                   predicate_type=predicate_type)
-                except VerificationFailed:
-                    continue
-                out.append(VerifiedEvidence(f"{st.signer.identity} ({st.signer.issuer})",
-                                            st.statement, where))
-                break
-        return out
+        return self._verified(image, predicate_type)[0]
 
 
 class AnyVerifier:

@@ -12,12 +12,17 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from portcullis.attestations import CYCLONEDX_BOM, SLSA_PROVENANCE_V1, slsa_provenance
 from portcullis.errors import VerificationFailed
 from portcullis.evidence import (
+    CONTENT_ANNOTATION,
+    CREATED_ANNOTATION,
+    PREDICATE_TYPE_ANNOTATION,
+    SIGN_PREDICATE_TYPE,
     KeylessEvidenceSigner,
     KeylessEvidenceVerifier,
     KeyPairSigner,
@@ -26,7 +31,12 @@ from portcullis.evidence import (
 from portcullis.models import BuildResult, ImageRef, SourceRef
 from portcullis.oci import RegistryClient
 from portcullis.signing.cosign_format import attestation_tag, generate_key_pair
-from portcullis.signing.keyless import KeylessSigner, KeylessVerifier, SignerIdentity
+from portcullis.signing.keyless import (
+    BUNDLE_MEDIA_TYPE,
+    KeylessSigner,
+    KeylessVerifier,
+    SignerIdentity,
+)
 from portcullis.verification import AllOf, ProvenanceCheck, SignatureCheck, sbom_check
 from tests.support.registry_fixture import (  # noqa: F401 - fixtures register by name
     oci_registry_fixture,
@@ -202,3 +212,64 @@ def test_keyless_untrusted_identity_is_refused(
     with pytest.raises(VerificationFailed) as err:
         _prod_policy().verify(image, _keyless_verifier(sigstore, registry_client, root))
     assert err.value.check == "signature" and "mallory" in err.value.reason
+
+
+def _referrers(client: RegistryClient, image: ImageRef) -> list[dict[str, Any]]:
+    return [json.loads(client.get_manifest(image.repository, ref.digest).raw)
+            for ref in client.list_referrers(image.repository, image.digest)]
+
+
+def test_keyless_evidence_is_stored_as_cosign_v3_stores_it(
+    sigstore: SigstoreInstance, registry_client: RegistryClient, repo: str, tmp_path: Path
+) -> None:
+    """cosign's BUNDLE_SPEC: one referrer per bundle, the empty config, the bundle as the only
+    layer, the bundle annotations; the image signature is the DSSE statement cosign v3 signs
+    (predicate type https://sigstore.dev/cosign/sign/v1, subject the digest)."""
+    image = push_tiny_image(registry_client, repo, "v1")
+    _sign_everything(_keyless(sigstore, registry_client), image)
+    manifests = _referrers(registry_client, image)
+    types = sorted(m["annotations"][PREDICATE_TYPE_ANNOTATION] for m in manifests)
+    assert types == sorted([SIGN_PREDICATE_TYPE, SLSA_PROVENANCE_V1, CYCLONEDX_BOM])
+    for manifest in manifests:
+        assert manifest["artifactType"] == BUNDLE_MEDIA_TYPE
+        assert manifest["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+        assert manifest["subject"]["digest"] == image.digest
+        assert manifest["annotations"][CONTENT_ANNOTATION] == "dsse-envelope"
+        datetime.fromisoformat(manifest["annotations"][CREATED_ANNOTATION])
+        (layer,) = manifest["layers"]
+        assert layer["mediaType"] == BUNDLE_MEDIA_TYPE
+        bundle = json.loads(registry_client.get_blob(image.repository, layer["digest"]))
+        assert bundle["mediaType"] == BUNDLE_MEDIA_TYPE
+        envelope = bundle["dsseEnvelope"]
+        assert envelope["payloadType"] == "application/vnd.in-toto+json"
+        statement = json.loads(base64.b64decode(envelope["payload"]))
+        assert statement["predicateType"] == manifest["annotations"][PREDICATE_TYPE_ANNOTATION]
+        assert statement["subject"][0]["digest"] == {"sha256": image.digest.removeprefix("sha256:")}
+    signature = next(m for m in manifests
+                     if m["annotations"][PREDICATE_TYPE_ANNOTATION] == SIGN_PREDICATE_TYPE)
+    assert json.loads(base64.b64decode(json.loads(registry_client.get_blob(
+        image.repository, signature["layers"][0]["digest"]))["dsseEnvelope"]["payload"]))["predicate"] == {}
+
+
+def test_an_attestation_relabelled_as_the_image_signature_is_refused(
+    sigstore: SigstoreInstance, registry_client: RegistryClient, repo: str, tmp_path: Path
+) -> None:
+    """The annotations are unsigned hints: a provenance bundle pushed again under the signature's
+    predicate-type annotation does not make an unsigned image signed."""
+    root = sigstore.write_trusted_root(tmp_path / "root.json")
+    image = push_tiny_image(registry_client, repo, "v1")
+    _keyless(sigstore, registry_client).attest(image, SLSA_PROVENANCE_V1, slsa_provenance(_build(image)))
+    (provenance,) = _referrers(registry_client, image)
+    layer = provenance["layers"][0]
+    relabelled = registry_client.push_blob_descriptor(
+        image.repository, registry_client.get_blob(image.repository, layer["digest"]), BUNDLE_MEDIA_TYPE)
+    registry_client.attach_artifact(
+        image.repository, registry_client.head_manifest(image.repository, image.digest),  # type: ignore[arg-type]
+        artifact_type=BUNDLE_MEDIA_TYPE, layers=[relabelled],
+        annotations={CONTENT_ANNOTATION: "dsse-envelope", PREDICATE_TYPE_ANNOTATION: SIGN_PREDICATE_TYPE})
+    verifier = _keyless_verifier(sigstore, registry_client, root)
+    with pytest.raises(VerificationFailed) as err:
+        verifier.verify_signature(image)
+    assert err.value.check == "signature"
+    assert [s.statement["predicateType"] for s in verifier.statements(image, SLSA_PROVENANCE_V1)] \
+        == [SLSA_PROVENANCE_V1]

@@ -57,7 +57,7 @@ from infra.demo_data import (
 from infra.docker_engine import DockerEngine
 from infra.production import POOLS, ProductionConfig, down, state_urls, up
 from infra.registry import RunningRegistry, free_port
-from portcullis.audit import AuditLog, AuditRecord, AuditTrail
+from portcullis.audit import AuditRecord, AuditTrail
 from portcullis.sides import Side
 from portcullis.state import State, open_state_url
 from tasks.deploy import LABEL_APP
@@ -620,8 +620,8 @@ def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
         message = str(run.state.message if run.state else "")
         moved_key = f"{deployment.split('/')[0]}/{deployment.split('/')[1]}-on-{POOLS[side]}"
         assert f"deployment {moved_key} is not configured on the {side} worker" in message, message
-        # The worker records its refusal in its own log (WorkerConfig.audit_log).
-        refused = [r for r in AuditLog(stack.home / "audit" / "audit.jsonl").records()
+        # The worker records its refusal in the state store its side's flows append to.
+        refused = [r for r in stack.audit.records()
                    if r.event == "worker.refused" and r.run_id == str(run.id)]
         assert len(refused) == 1 and refused[0].details["side"] == side
 

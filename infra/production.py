@@ -17,6 +17,11 @@
   audit log, approval poll, flow code checkout) and one result store, so promote-dev on the
   deploy pool can read the evidence of the build-release run it started on the build pool.
   The worker processes themselves get no PORTCULLIS_* variable: the files are the authority.
+* with ``PORTCULLIS_PRODUCTION_DEPLOY_HOSTS=b,c`` further deploy workers, one per name, each
+  standing for another host: its own folder ``<state>/hosts/<name>/`` (worker file, pid, log,
+  Prefect home, and its PORTCULLIS_HOME), the same server, state store and registry, polling
+  only its own queue ``host-<name>`` of the deploy pool (then the first polls only
+  ``default``); see docs/scaling.md, "Several deploy hosts".
 
 ``down`` stops what ``up`` started (workers, server, then the database); ``status`` reports
 what runs. State (database files, generated passwords in ``secrets.json`` mode 0600, logs)

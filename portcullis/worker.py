@@ -37,7 +37,8 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import httpx
-from prefect.client.schemas.objects import FlowRun, WorkPool
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import FlowRun, State, StateType, WorkPool
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.exceptions import Abort, ObjectNotFound
 from prefect.flows import Flow
@@ -347,12 +348,40 @@ class PortcullisWorker(ProcessWorker):
         return ProcessWorkerResult(status_code=execution.status_code,
                                    identifier=str(execution.handle.pid))
 
+    async def _propose_crashed_state(
+        self, flow_run: FlowRun, message: str, client: PrefectClient | None = None,
+    ) -> None:
+        # A run that suspended to wait for people holds no process by design: its process's
+        # exit (normal, or killed while it tore down after suspending, e.g. the worker being
+        # stopped) must not end the wait. Crashing it would lose every answer still to come.
+        client = client or self.client
+        try:
+            current = await client.read_flow_run(flow_run.id)
+        except (httpx.HTTPError, ObjectNotFound):
+            current = None
+        if current is not None and waits_without_process(current.state):
+            self.get_flow_run_logger(flow_run).info(
+                "flow run %s waits suspended (%s); its process's exit does not end it",
+                flow_run.id, message)
+            return
+        await super()._propose_crashed_state(flow_run, message, client=client)
+
     async def _resolve_flow(self, flow_run: FlowRun) -> Flow[Any, Any]:
         # Only for Prefect's crash hooks, which the flow process runs (disabled here above).
         raise PolicyRefusal("the Portcullis worker loads no flow code")
 
     async def _submit_adhoc_run(self, *args: Any, **kwargs: Any) -> None:
         raise PolicyRefusal("the Portcullis worker runs only configured deployments")
+
+
+def waits_without_process(state: State | None) -> bool:
+    """Whether ``state`` is a suspension: the run waits on the server, rescheduled on resume.
+
+    Prefect's ``suspend_flow_run`` pauses with ``pause_reschedule``; ``pause_flow_run`` does not
+    (its process keeps polling, so losing that process does lose the wait).
+    """
+    return (state is not None and state.type == StateType.PAUSED
+            and bool(state.state_details.pause_reschedule))
 
 
 def main(argv: list[str] | None = None) -> int:

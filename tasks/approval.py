@@ -12,8 +12,12 @@ process alive and polls the server every ``poll_interval`` seconds.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NoReturn
 from uuid import UUID
@@ -22,7 +26,7 @@ from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, Pause
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.input.run_input import keyset_from_base_key
@@ -293,7 +297,8 @@ def _collect(
         key = f"{ledger_key}-{submission}"
         try:
             if durable:
-                answer = suspend_flow_run(wait_for_input=prompt, timeout=remaining, key=key)
+                with termination_deferred():
+                    answer = suspend_flow_run(wait_for_input=prompt, timeout=remaining, key=key)
             else:
                 answer = pause_flow_run(wait_for_input=prompt, timeout=remaining,
                                         poll_interval=poll_interval, key=key)
@@ -325,6 +330,36 @@ def _open_ledger(policy: ApprovalPolicy, directory: ApproverDirectory, subject: 
     if earlier is None:
         _record_request(audit, ledger, event, ledger_key=ledger_key, **details)
     return ledger
+
+
+@contextmanager
+def termination_deferred() -> Iterator[None]:
+    """Hold off SIGTERM while the run suspends, so a stop cannot crash a run that waits.
+
+    ``suspend_flow_run`` moves the run to Suspended, then saves the form and raises ``Pause``.
+    A SIGTERM in between (a worker or host being stopped) would make Prefect's engine force the
+    run to Crashed: the wait, and every answer still to come, would be lost. Inside this block a
+    SIGTERM is only noted. If the run suspended (``Pause``) the process is about to exit anyway
+    and the note is dropped; the handler stays deferring until the engine's own signal scope
+    ends. If the call returned (the run had been resumed already) the noted signal is delivered
+    as if it had just arrived. Outside the main thread (no signal handlers there) a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: noted.append(signum))
+    suspended = False
+    try:
+        yield
+    except Pause:
+        suspended = True
+        raise
+    finally:
+        if not suspended:
+            signal.signal(signal.SIGTERM, previous)
+            if noted:
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 def request_approvals(

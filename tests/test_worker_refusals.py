@@ -15,11 +15,13 @@ Normal and scheduled runs still complete, and no log carries a secret of the set
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,11 +36,14 @@ from uuid import uuid4
 import httpx
 import pyotp
 import pytest
+from prefect import flow
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun, WorkPool
+from prefect.client.schemas.objects import FlowRun, State, WorkPool
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
+from prefect.exceptions import Pause
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from prefect.states import Paused, Running, Suspended
 from prefect.workers.process import ProcessWorker
 
 from infra.production import (
@@ -61,7 +66,14 @@ from portcullis.sides import (
     worker_settings,
 )
 from portcullis.state import StoreAuditLog, open_state, open_state_url
-from portcullis.worker import locked_base_job_template, refusal_reason, run_environment
+from portcullis.worker import (
+    PortcullisWorker,
+    locked_base_job_template,
+    refusal_reason,
+    run_environment,
+    waits_without_process,
+)
+from tasks.approval import termination_deferred
 from tests.support.production import (
     REPO_ROOT,
     deploy_all,
@@ -79,6 +91,81 @@ def on_setup(test: F) -> F:
     """Mark a test that needs the production-like setup (PostgreSQL, a Prefect server, workers)."""
     marked: F = pytest.mark.slow(pytest.mark.prefect_server(test))
     return marked
+
+
+# ---------------------------------------------------------- a waiting run outlives its process
+
+def test_a_suspended_runs_process_exit_does_not_end_its_wait(
+    prefect_harness: None, tmp_path: Path,
+) -> None:
+    """A durable wait holds no process: the exit of the one that suspended (e.g. killed while it
+    tore down because its worker was stopped) leaves the run Suspended; a run that still needed
+    its process (running, or paused with a polling process) is reported Crashed."""
+
+    @flow
+    def waiting() -> None:
+        """Never run: only its runs' states matter here."""
+
+    states: dict[str, State] = {"suspended": Suspended(timeout_seconds=600),
+                                "paused": Paused(timeout_seconds=600), "running": Running()}
+    with get_client(sync_client=True) as client:
+        # From a deployment, as every worker run is: the server then accepts Crashed over a
+        # suspension (it refuses to reschedule a run without one).
+        deployment = client.create_deployment(flow_id=client.create_flow(waiting),
+                                              name=f"exits-{uuid4().hex[:6]}")
+        runs = {}
+        for name, state in states.items():
+            run = client.create_flow_run_from_deployment(
+                deployment, name=f"exit-{name}-{uuid4().hex[:6]}")
+            client.set_flow_run_state(run.id, Running(), force=True)
+            if name != "running":
+                client.set_flow_run_state(run.id, state, force=True)
+            runs[name] = client.read_flow_run(run.id)
+    assert [waits_without_process(r.state) for r in runs.values()] == [True, False, False]
+    worker = PortcullisWorker(_config(tmp_path), tmp_path / "worker.toml")
+
+    async def processes_exited() -> None:
+        async with get_client() as client:
+            for run in runs.values():
+                await worker._propose_crashed_state(
+                    run, "Flow run infrastructure exited with non-zero status code -15.",
+                    client=client)
+
+    asyncio.run(processes_exited())
+    with get_client(sync_client=True) as client:
+        after = {name: client.read_flow_run(run.id).state_name for name, run in runs.items()}
+    assert after == {"suspended": "Suspended", "paused": "Crashed", "running": "Crashed"}
+
+
+def test_a_stop_while_suspending_is_held_until_the_run_has_suspended() -> None:
+    """SIGTERM inside ``termination_deferred``: dropped when the run suspended (``Pause``: the
+    process exits next), delivered on leaving the block otherwise."""
+    seen: list[str] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        seen.append("SIGTERM")
+
+    shipped = signal.signal(signal.SIGTERM, handler)
+    try:
+        with termination_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("inside")
+        assert seen == ["inside", "SIGTERM"]
+        seen.clear()
+        with pytest.raises(Pause), termination_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise Pause("suspended")
+        assert seen == []
+        # Still deferring: the engine's own signal scope restores its handler as it unwinds.
+        assert signal.getsignal(signal.SIGTERM) is not handler
+        signal.signal(signal.SIGTERM, handler)
+        with pytest.raises(RuntimeError), termination_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("Flow run cannot be suspended")
+        assert seen == ["SIGTERM"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, shipped)
 
 
 # ---------------------------------------------------------------------------- unit: the file

@@ -449,7 +449,8 @@ class StoreAuditLog(AuditTrail):
             if _is_sqlite(self.engine):
                 cursor = dbapi.cursor()
             else:
-                cursor = dbapi.cursor(name="portcullis_audit_scan")
+                # Binary: bodies arrive as they are stored, not hex-encoded by the server.
+                cursor = dbapi.cursor(name="portcullis_audit_scan", binary=True)
             try:
                 cursor.execute(sql)
                 while batch := cursor.fetchmany(_BATCH):
@@ -553,7 +554,7 @@ def _verify_span(args: tuple[str, int, int, str | None]) -> tuple[str | None, st
             if snapshot is not None:
                 # From pg_export_snapshot(), not from a user; the statement takes no parameter.
                 conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-                cursor = dbapi.cursor(name="portcullis_audit_span")
+                cursor = dbapi.cursor(name="portcullis_audit_span", binary=True)
                 cursor.execute("SELECT seq, prev_hash, hash, body FROM audit_records "
                                "WHERE seq >= %s AND seq < %s ORDER BY seq", (lo, hi))
             else:

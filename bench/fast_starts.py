@@ -177,8 +177,8 @@ def _stack(state: Path, people: People, tickets: list[str], app: str) -> Iterato
                 home=home, policies=policies, approvers=approvers, registry=registry,
                 docker_host=engine.host, signing=(private_pem, password, public_pem),
                 incidents_url=incidents_url))
-            # Measure the warm start (opt-in on the production-like setup).
-            os.environ.setdefault("PORTCULLIS_PRODUCTION_WORKER_START", "warm")
+            # The production-like setup starts runs warm unless told otherwise
+            # (PORTCULLIS_PRODUCTION_WORKER_START=cold measures the cold start).
             try:
                 up(config)
                 auth = json.loads((config.state_dir / "secrets.json").read_text())["api_auth_string"]

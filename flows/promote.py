@@ -34,7 +34,6 @@ from portcullis.approval import (
     configured_directory,
     render_what_changed,
 )
-from portcullis.canary.analysis import Verdict
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.catalog import catalog_freeze
 from portcullis.chain import running_in
@@ -53,10 +52,11 @@ from tasks.approval import (
     request_approvals,
     requester_for_current_run,
     subject_for_current_run,
+    waits_durably,
 )
 from tasks.board import BoardPublishingLog, publish_board
 from tasks.build import build_image, find_reusable_build
-from tasks.canary import CanaryReport, rollout, traffic_lease_seconds
+from tasks.canary import CanaryReport, rollout_with_person, traffic_lease_seconds
 from tasks.deploy import deploy
 from tasks.gates import (
     DEFAULT_WINDOW_SECONDS,
@@ -509,8 +509,7 @@ def _canary(
     router = Router(settings.router_dir)
     provider = PrometheusProvider(settings.prometheus_url)
 
-    def person(verdict: Verdict) -> tuple[Literal["promote", "rollback"], str]:
-        analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
+    def person(analysis: str) -> tuple[Literal["promote", "rollback"], str]:
         return decide_inconclusive_canary(
             subject(), canary_decision_policy(environment, policy.approval, timedelta(hours=1)),
             configured_directory(), BoardPublishingLog(audit.log), analysis,
@@ -522,9 +521,9 @@ def _canary(
     record = progress.tracking(audit.record, "canary.step",
                                lambda d: f"{d.get('weight')}% of traffic: {d.get('phase')}")
     try:
-        return rollout(
+        return rollout_with_person(
             image, app, environment, commit, creds, policy=policy.canary, router=router,
-            provider=provider, record=record, on_inconclusive=person,
+            provider=provider, audit=audit, record=record, ask=person, durable=waits_durably(),
             approved_by=approved_by, synthetic_load=settings.canary_synthetic_load,
         )
     finally:

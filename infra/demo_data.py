@@ -19,10 +19,10 @@ import secrets
 import shutil
 from pathlib import Path
 
+from infra.trivydb import Advisory, Ecosystem, write_trivy_db
 from portcullis.scan import Severity
 from portcullis.signing.cosign_format import generate_key_pair, write_key_pair
 from portcullis.toolrun import run_tool
-from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
 
 DEMO_ADVISORIES = (
     Advisory(
@@ -122,7 +122,7 @@ def ensure_approvers(state_dir: Path) -> Path:
     """The local stack's approver directory (mode 600), enrolled once with fresh TOTP secrets.
 
     On a real deploy worker this file is written by whoever enrolls approvers, and each secret
-    lives in that person's authenticator app; here ``python -m portcullis code NAME`` plays
+    lives in that person's authenticator app; here ``python -m infra.demo code NAME`` plays
     the app.
     """
     import pyotp

@@ -150,9 +150,10 @@ class ProductionConfig:
     prefect_port: int = 4300
     #: Account PostgreSQL runs as when `up` runs as root (PostgreSQL refuses to run as root).
     postgres_user: str = "postgres"
-    #: How often each worker asks its pool for due runs (Prefect's default: 10 s). This is
-    #: most of the delay between triggering a run and its start.
-    worker_query_seconds: float = 10.0
+    #: How often each worker asks its pool for due runs. Prefect's default, 10 s, would be
+    #: most of the delay between triggering a run (or answering a wait) and its start; one
+    #: query a second per worker is little for the server.
+    worker_query_seconds: float = 1.0
     #: How often the server's scheduler turns deployment schedules into runs (Prefect's
     #: default: 60 s; a deployment changed in the last few seconds is scheduled sooner).
     scheduler_loop_seconds: float = 60.0
@@ -173,7 +174,7 @@ class ProductionConfig:
             postgres_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PG_PORT", "5433")),
             prefect_port=int(os.environ.get("PORTCULLIS_PRODUCTION_PREFECT_PORT", "4300")),
             worker_query_seconds=float(
-                os.environ.get("PORTCULLIS_PRODUCTION_WORKER_QUERY_SECONDS", "10")
+                os.environ.get("PORTCULLIS_PRODUCTION_WORKER_QUERY_SECONDS", "1")
             ),
             deploy_hosts=tuple(
                 name.strip()
@@ -664,8 +665,9 @@ def worker_config(config: ProductionConfig, side: Side,
         queues=_queues(config, side, host),
         checkout=Path(chosen.get("PORTCULLIS_REPO_DIR", REPO_ROOT)).resolve(),
         deployments=ENTRYPOINTS[side], environment=chosen | _state_settings(config, side),
-        # The operator's choice (warm starts are opt-in until they have run longer here).
-        start="warm" if os.environ.get("PORTCULLIS_PRODUCTION_WORKER_START") == "warm" else "cold",
+        # Warm by default (runs start in about a second); PORTCULLIS_PRODUCTION_WORKER_START=cold
+        # gives each run a fresh interpreter.
+        start="cold" if os.environ.get("PORTCULLIS_PRODUCTION_WORKER_START") == "cold" else "warm",
     )
 
 

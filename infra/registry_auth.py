@@ -64,10 +64,10 @@ from typing import Any, assert_never
 from urllib.parse import parse_qs, urlsplit
 
 import bcrypt
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -453,10 +453,6 @@ def ensure_signing_material(
 # -- tokens ----------------------------------------------------------------------------------
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
 @dataclass(frozen=True)
 class IssuedToken:
     """A signed token and when it stops working. The token is kept out of ``repr``."""
@@ -516,7 +512,6 @@ class TokenSigner:
         """Sign a token for ``subject`` carrying exactly ``access``."""
         now = int(self._clock())
         jwt_id = secrets.token_urlsafe(16)
-        header = {"typ": "JWT", "alg": "ES256", "kid": self._kid}
         claims = {
             "iss": self.issuer,
             "sub": subject,
@@ -528,17 +523,11 @@ class TokenSigner:
             "jti": jwt_id,
             "access": [scope.claim() for scope in access],
         }
-        signing_input = (
-            _b64url(json.dumps(header, separators=(",", ":")).encode())
-            + "."
-            + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        token = jwt.encode(
+            claims, self._key, algorithm="ES256", headers={"typ": "JWT", "kid": self._kid}
         )
-        der = self._key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        r, s = decode_dss_signature(der)
-        # JWS ES256 signatures are r || s, 32 bytes each, not DER.
-        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
         return IssuedToken(
-            token=f"{signing_input}.{_b64url(signature)}",
+            token=token,
             subject=subject,
             access=tuple(access),
             issued_at=now,

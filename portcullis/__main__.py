@@ -42,7 +42,9 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     import httpx
 
-    answer = httpx.get(deployment.url + "cgi-bin/hello", timeout=5)
+    from portcullis.catalog import probe_paths
+
+    answer = httpx.get(deployment.url.rstrip("/") + probe_paths(args.app).load, timeout=5)
     print(f"\n{args.app} is running in {args.environment}: {deployment.url}")
     print(f"  image   {deployment.image}")
     for check in result.verification:
@@ -79,21 +81,6 @@ def _reauthorise(ticket: str, approver: str, code: str, reason: str) -> int:
     use = reauthorise_ticket(Settings(), ticket, approver, code, reason, datetime.now(UTC))
     print(f"{use.ticket} may now open {use.allowed} emergency promotion(s); "
           f"it has opened {len(use.runs)}")
-    return 0
-
-
-def _code(name: str) -> int:
-    import pyotp
-
-    from infra.demo_data import ensure_approvers
-    from infra.stack import StackConfig
-    from portcullis.approval import ApproverDirectory
-
-    directory = ApproverDirectory.load(ensure_approvers(StackConfig.from_env().state_dir))
-    approver = directory.get(name)
-    if approver is None:
-        raise PortcullisError(f"no approver {name!r} is enrolled on the local stack")
-    print(pyotp.TOTP(approver.totp_secret.get_secret_value()).now())
     return 0
 
 
@@ -264,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     reauth.add_argument("--approver", required=True, help="your approver id")
     reauth.add_argument("--code", required=True, help="your current authenticator code")
     reauth.add_argument("--reason", required=True, help="why this ticket needs another emergency promotion")
-    code = sub.add_parser("code", help="print an approver's current code (plays their authenticator app on the local stack)")
-    code.add_argument("approver")
     sub.add_parser("status", help="the environments board: what runs where, what waits for whom")
     plan = sub.add_parser("plan", help="dry run: every gate for this digest and environment, now")
     plan.add_argument("--app", required=True)
@@ -324,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             return _rollback(args)
         if args.command == "dora":
             return _dora(args.days, args.prometheus_textfile, args.publish)
-        if args.command == "code":
-            return _code(args.approver)
         if args.command == "reauthorise-ticket":
             return _reauthorise(args.ticket, args.approver, args.code, args.reason)
         if args.command == "verify-promotion":

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import orjson
 from pydantic import Field, JsonValue, SecretStr, ValidationError, field_validator
 
+from portcullis.canonical import canonical_json
 from portcullis.errors import PortcullisError, TransientError
 from portcullis.models import Frozen
 
@@ -44,13 +45,6 @@ GENESIS_HASH = "0" * 64
 PARALLEL_MIN_BYTES = 8 << 20
 _EVENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def canonical_json(value: Mapping[str, Any]) -> bytes:
-    """The one serialisation hashes are computed over: sorted keys, no spaces, UTF-8."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def record_hash(fields: Mapping[str, Any]) -> str:

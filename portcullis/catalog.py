@@ -6,13 +6,16 @@ One TOML file in the repository (``apps.toml``) with an ``[[app]]`` table per se
     name = "hello"
     repository = "."                 # a git URL, or a path relative to the catalog file
     context = "examples/hello"       # the directory holding the Dockerfile
-    health_path = "/cgi-bin/healthz"
+    health_path = "/healthz"         # optional: default the catalog's top-level health_path
     environments = ["dev", "staging", "prod"]
     owners = ["bob"]
 
     [[app.freeze]]                   # optional: the app's own windows, on top of the
     kind = "once"                    # environment policy's (they can only add freezes)
     ...
+
+Top-level ``health_path`` and ``load_path`` are the defaults for every entry, and for an app
+promoted without one (:func:`probe_paths`); with no catalog file both are ``/``.
 
 The catalog says *what* to promote; it grants nothing. Every gate still comes from the
 deploy side's environment policy, and an app's own freeze windows only add to the
@@ -39,6 +42,14 @@ from portcullis.settings import REPO_ROOT
 EnvironmentName = Literal["dev", "staging", "prod"]
 ENVIRONMENTS: tuple[EnvironmentName, ...] = ("dev", "staging", "prod")
 _APP_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_PROBE_PATH = "/"
+"""Health and load path when neither the app's entry nor the catalog names one."""
+
+
+def _url_path(value: str | None) -> str | None:
+    if value is not None and (not value.startswith("/") or any(c.isspace() for c in value)):
+        raise ValueError(f"must be an absolute URL path such as /healthz, not {value!r}")
+    return value
 
 
 class AppEntry(Frozen):
@@ -47,7 +58,11 @@ class AppEntry(Frozen):
     name: str = Field(description="app name: registry repository, container and route names")
     repository: str = Field(min_length=1, description="git URL, or a path relative to the catalog")
     context: str = Field(default=".", description="directory in the repository holding the Dockerfile")
-    health_path: str = Field(default="/cgi-bin/healthz", description="HTTP path that answers 200 when healthy")
+    health_path: str | None = Field(
+        default=None, description="HTTP path that answers 200 when healthy (default: the catalog's)")
+    load_path: str | None = Field(
+        default=None, description="HTTP path the canary's synthetic load asks for on the local stack "
+        "and in tests (default: the catalog's, else the health path)")
     environments: tuple[EnvironmentName, ...] = Field(min_length=1, description="where it is promoted, in order")
     owners: tuple[str, ...] = Field(min_length=1, description="who answers for it (directory ids or teams)")
     freeze: tuple[FreezeWindow, ...] = Field(default=(), description="the app's own freeze windows")
@@ -59,12 +74,10 @@ class AppEntry(Frozen):
             raise ValueError("must be lower case letters, digits and '-', starting with a letter or digit")
         return value
 
-    @field_validator("health_path")
+    @field_validator("health_path", "load_path")
     @classmethod
-    def _path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() for c in value):
-            raise ValueError(f"must be an absolute URL path such as /healthz, not {value!r}")
-        return value
+    def _path(cls, value: str | None) -> str | None:
+        return _url_path(value)
 
     @field_validator("context")
     @classmethod
@@ -97,11 +110,25 @@ class AppEntry(Frozen):
         return policy.model_copy(update={"windows": (*policy.windows, *self.freeze)})
 
 
+class ProbePaths(Frozen):
+    """Where the router checks an app's health and where synthetic canary load goes."""
+
+    health: str
+    load: str
+
+
 class Catalog(Frozen):
     """Every app, by name, and where the catalog file lives (relative paths start there)."""
 
     apps: tuple[AppEntry, ...]
     base: Path = Field(description="directory relative repository paths are resolved against")
+    health_path: str = Field(default=DEFAULT_PROBE_PATH, description="default health path")
+    load_path: str | None = Field(default=None, description="default synthetic load path")
+
+    @field_validator("health_path", "load_path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return _url_path(value)
 
     @model_validator(mode="after")
     def _unique(self) -> Catalog:
@@ -129,6 +156,13 @@ class Catalog(Frozen):
                                      hint="add an [[app]] entry to apps.toml")
         return app
 
+    def probe_paths(self, name: str) -> ProbePaths:
+        """The app's health and load paths: its entry's, else the catalog's defaults."""
+        app = self.get(name)
+        health = (app.health_path if app else None) or self.health_path
+        load = (app.load_path if app else None) or self.load_path or health
+        return ProbePaths(health=health, load=load)
+
     def for_environment(self, environment: str) -> tuple[AppEntry, ...]:
         """The apps promoted to ``environment``."""
         return tuple(a for a in self.apps if environment in a.environments)
@@ -149,10 +183,10 @@ def parse_catalog(text: str, base: Path, source: str = "apps.toml") -> Catalog:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"catalog {source} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"app"}
+    unknown = set(data) - {"app", "health_path", "load_path"}
     if unknown:
         raise ConfigurationError(f"catalog {source} has unknown top-level keys {sorted(unknown)}; "
-                                 "only [[app]] tables belong there")
+                                 "only health_path, load_path and [[app]] tables belong there")
     raw_apps = data.get("app", [])
     if not isinstance(raw_apps, list) or not raw_apps:
         raise ConfigurationError(f"catalog {source} lists no [[app]] entries")
@@ -165,10 +199,13 @@ def parse_catalog(text: str, base: Path, source: str = "apps.toml") -> Catalog:
                 f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}" for err in exc.errors())
             raise ConfigurationError(f"catalog {source}: {_entry_label(index, raw)} is invalid: {problems}",
                                      hint="fix that entry; no app is promoted from an invalid catalog") from None
+    defaults = {k: data[k] for k in ("health_path", "load_path") if k in data}
     try:
-        return Catalog(apps=tuple(apps), base=base)
+        return Catalog(apps=tuple(apps), base=base, **defaults)
     except ValidationError as exc:
-        raise ConfigurationError(f"catalog {source}: {exc.errors()[0]['msg']}") from None
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigurationError(f"catalog {source}: {where + ': ' if where else ''}{err['msg']}") from None
 
 
 class CatalogSettings(BaseSettings):
@@ -192,6 +229,18 @@ def load_catalog(path: Path | None = None) -> Catalog:
         raise ConfigurationError(f"no app catalog at {path}: {exc.strerror}",
                                  hint="create apps.toml or set PORTCULLIS_CATALOG") from None
     return parse_catalog(text, path.parent, str(path))
+
+
+def probe_paths(app: str, path: Path | None = None) -> ProbePaths:
+    """Where ``app`` answers health checks and takes synthetic load, from the catalog.
+
+    No catalog file gives ``/`` for both; an app outside the catalog gets the catalog's
+    defaults. An invalid catalog is refused (:class:`ConfigurationError`).
+    """
+    path = path or CatalogSettings().catalog
+    if not path.exists():
+        return ProbePaths(health=DEFAULT_PROBE_PATH, load=DEFAULT_PROBE_PATH)
+    return load_catalog(path).probe_paths(app)
 
 
 def catalog_freeze(policy: EnvironmentPolicy, app: str, path: Path | None = None) -> EnvironmentPolicy:

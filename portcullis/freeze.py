@@ -28,6 +28,7 @@ from typing import Annotated, Literal, assert_never
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
+from cronsim import CronSim, CronSimError
 from dateutil import rrule as du
 from pydantic import (
     BaseModel,
@@ -147,96 +148,36 @@ class OneOffWindow(_WindowBase):
         return iv.end
 
 
-_CRON_NAMES = {
-    3: {
-        m: i
-        for i, m in enumerate(
-            ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
-        )
-    },
-    4: {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))},
-}
-_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
-
-
-def _cron_field(text: str, index: int) -> tuple[int, ...] | None:
-    """Parse one cron field; None means unrestricted (``*``)."""
-    if text == "*":
-        return None
-    low, high = _CRON_RANGES[index]
-    names = _CRON_NAMES.get(index, {})
-    what = _CRON_FIELDS[index]
-
-    def number(token: str) -> int:
-        value = names.get(token.lower()) if token.isalpha() else None
-        if value is None:
-            if not token.isdigit():
-                raise ValueError(f"cron {what} field: {token!r} is not a number")
-            value = int(token)
-        if not low <= value <= high:
-            raise ValueError(f"cron {what} field: {value} is outside {low}-{high}")
-        return value
-
-    values: set[int] = set()
-    for item in text.split(","):
-        base, slash, step_text = item.partition("/")
-        step = 1
-        if slash:
-            if not step_text.isdigit() or int(step_text) < 1:
-                raise ValueError(f"cron {what} field: bad step in {item!r}")
-            step = int(step_text)
-        if base == "*":
-            first, last = low, high
-        elif "-" in base:
-            a, _, b = base.partition("-")
-            first, last = number(a), number(b)
-            if first > last:
-                raise ValueError(f"cron {what} field: range {base!r} runs backwards")
-        else:
-            first = number(base)
-            last = high if slash else first
-        values.update(range(first, last + 1, step))
-    return tuple(sorted(values))
+_CRON_ALLOWED = (
+    "0-59",
+    "0-23",
+    "1-31 on a day the chosen months have",
+    "1-12 or jan-dec",
+    "0-7 or sun-sat",
+)
 
 
 @lru_cache(maxsize=256)
-def _parse_cron(expr: str) -> tuple[tuple[int, ...] | None, ...]:
+def _check_cron(expr: str) -> None:
+    """Refuse a cron expression that cronsim cannot read, naming the expression and field."""
     fields = expr.split()
+    # cronsim also takes a leading seconds field; windows are written in classic 5-field cron.
     if len(fields) != 5:
         raise ValueError(
             f"cron expression {expr!r} must have 5 fields (minute hour day month weekday)"
         )
-    return tuple(_cron_field(text, i) for i, text in enumerate(fields))
-
-
-def _cron_rule(expr: str, dtstart: datetime) -> du.rrulebase:
-    """A 5-field cron expression as a dateutil rule set anchored at ``dtstart``.
-
-    Cron has no anchor (every day is alike), so the rule may be rebuilt near any query time.
-    When both day-of-month and day-of-week are restricted cron fires on *either*, which is a
-    union of two rules.
-    """
-    minute, hour, dom, month, dow = _parse_cron(expr)
-    common: dict[str, object] = {
-        "dtstart": dtstart.replace(second=0, microsecond=0),
-        "byminute": minute if minute is not None else tuple(range(60)),
-        "byhour": hour if hour is not None else tuple(range(24)),
-        "bysecond": 0,
-    }
-    if month is not None:
-        common["bymonth"] = month
-    weekdays = None if dow is None else tuple(sorted({(d + 6) % 7 for d in dow}))
-    if dom is not None and weekdays is not None:
-        union = du.rruleset()
-        union.rrule(du.rrule(du.DAILY, bymonthday=dom, **common))  # type: ignore[arg-type]
-        union.rrule(du.rrule(du.DAILY, byweekday=weekdays, **common))  # type: ignore[arg-type]
-        return union
-    if dom is not None:
-        return du.rrule(du.DAILY, bymonthday=dom, **common)  # type: ignore[arg-type]
-    if weekdays is not None:
-        return du.rrule(du.DAILY, byweekday=weekdays, **common)  # type: ignore[arg-type]
-    return du.rrule(du.DAILY, **common)  # type: ignore[arg-type]
+    try:
+        CronSim(expr, datetime(2020, 1, 1))
+    except CronSimError as exc:
+        # cronsim only says "Bad <field>"; add the field's text and what it allows.
+        for index, what in enumerate(_CRON_FIELDS):
+            if str(exc) == f"Bad {what}":
+                raise ValueError(
+                    f"cron expression {expr!r}: {what} field {fields[index]!r} is not valid "
+                    f"(a value outside {_CRON_ALLOWED[index]}, or a bad list, range or step)"
+                ) from None
+        raise ValueError(f"cron expression {expr!r} is not valid: {exc}") from None
 
 
 @lru_cache(maxsize=256)
@@ -273,7 +214,7 @@ class RecurringWindow(_WindowBase):
         if self.dtstart.tzinfo is not None:
             raise ValueError("'dtstart' is wall-clock time in 'tz': give it without an offset")
         if self.cron is not None:
-            _parse_cron(self.cron)
+            _check_cron(self.cron)
         else:
             assert self.rrule is not None
             _parse_rrule(self.rrule, self.dtstart)
@@ -282,8 +223,10 @@ class RecurringWindow(_WindowBase):
     def _starts_from(self, local_from: datetime) -> Iterator[datetime]:
         """Naive local start times at or after ``local_from``, in order."""
         if self.cron is not None:
-            # Rebuilt near the query so iteration never walks years of minutes.
-            return iter(_cron_rule(self.cron, local_from))
+            # Started near the query so iteration never walks years of minutes. cronsim yields
+            # times strictly after its start and ignores microseconds: one microsecond earlier
+            # makes ``local_from`` itself count. Naive times: cronsim stays in wall-clock time.
+            return CronSim(self.cron, local_from - timedelta(microseconds=1))
         assert self.rrule is not None
         return _parse_rrule(self.rrule, self.dtstart).xafter(local_from, inc=True)
 

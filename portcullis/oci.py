@@ -28,6 +28,7 @@ from typing import Any, Self
 
 import httpx
 
+from portcullis.canonical import canonical_json
 from portcullis.errors import PolicyRefusal, TransientError, VerificationFailed
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -204,11 +205,6 @@ class Manifest:
             len(self.raw),
             artifact_type=artifact_type if isinstance(artifact_type, str) else None,
         )
-
-
-def canonical_json(data: Mapping[str, Any]) -> bytes:
-    """Compact, key-sorted JSON: the same document always gets the same digest."""
-    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
 
 class _RegistryAuth(httpx.Auth):

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from portcullis.canonical import canonical_json
 from portcullis.errors import PolicyRefusal
 from portcullis.oci import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_LAYER,
     MEDIA_OCI_MANIFEST,
     Descriptor,
-    canonical_json,
     digest_of,
 )
 

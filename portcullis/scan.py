@@ -2,8 +2,8 @@
 
 Plain typed rules, no I/O: :func:`parse_trivy_json` turns trivy's JSON report into a
 :class:`ScanReport`; :func:`evaluate` decides a :class:`ScanVerdict` from a report, a
-:class:`ScanPolicy` and the current time; :func:`compare_reports` sums up how a new image's
-findings differ from those of the image running now, for the approval form.
+:class:`ScanPolicy` and the current time. What changed since the running version (findings
+that appear or go) is :mod:`portcullis.change`'s.
 
 How a finding at or above the policy's threshold is judged, in order:
 
@@ -355,56 +355,6 @@ def evaluate(report: ScanReport, policy: ScanPolicy, now: datetime) -> ScanVerdi
     )
 
 
-class ScanComparison(Frozen):
-    """How a candidate image's findings differ from those of the image running now."""
-
-    candidate: SeverityCounts
-    current: SeverityCounts | None = Field(description="None when nothing runs yet")
-    introduced: tuple[str, ...] = Field(description="vulnerability ids only the candidate has")
-    resolved: tuple[str, ...] = Field(description="vulnerability ids only the current image has")
-    summary: str
-
-
-def compare_reports(candidate: ScanReport, current: ScanReport | None) -> ScanComparison:
-    """Compare the severity counts of a new scan against the scan of what runs now.
-
-    Args:
-        candidate: the scan of the image asking for promotion.
-        current: the scan of the image running in the target environment, or None.
-
-    Returns:
-        Counts for both, the vulnerability ids added and removed, and a one-line summary such
-        as ``CRITICAL 1 (+1), HIGH 0 (-2), ...; 1 new, 2 resolved``.
-    """
-    new_counts = candidate.counts()
-    new_ids = {f.vulnerability_id for f in candidate.findings}
-    if current is None:
-        summary = f"{new_counts} (nothing runs yet to compare with)"
-        return ScanComparison(
-            candidate=new_counts,
-            current=None,
-            introduced=tuple(sorted(new_ids)),
-            resolved=(),
-            summary=summary,
-        )
-    old_counts = current.counts()
-    old_ids = {f.vulnerability_id for f in current.findings}
-    cells = []
-    for sev in SEVERITIES_HIGH_FIRST:
-        delta = new_counts.get(sev) - old_counts.get(sev)
-        cells.append(f"{sev.value} {new_counts.get(sev)} ({'=' if delta == 0 else f'{delta:+d}'})")
-    introduced = tuple(sorted(new_ids - old_ids))
-    resolved = tuple(sorted(old_ids - new_ids))
-    summary = f"{', '.join(cells)}; {len(introduced)} new, {len(resolved)} resolved vs running"
-    return ScanComparison(
-        candidate=new_counts,
-        current=old_counts,
-        introduced=introduced,
-        resolved=resolved,
-        summary=summary,
-    )
-
-
 def _refuse_report(reason: str) -> PolicyRefusal:
     return PolicyRefusal(
         f"trivy's JSON report could not be read: {reason}; the gate refuses rather than guess",
@@ -620,9 +570,7 @@ class SbomRecord(Frozen):
 
 
 class ScanOutcome(Frozen):
-    """The vulnerability stage's result: the scan, the gate's verdict, and the comparison with
-    what runs now."""
+    """The vulnerability stage's result: the scan and the gate's verdict."""
 
     report: ScanReport
     verdict: ScanVerdict
-    comparison: ScanComparison

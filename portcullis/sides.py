@@ -68,7 +68,7 @@ class WorkerConfig(Frozen):
         "queue lets runs be steered to this host (docs/scaling.md)",
     )
     start: Literal["warm", "cold"] = Field(
-        default="cold",
+        default="warm",
         description="warm: fork each run from a pre-imported parent (portcullis.zygote); "
         "cold: a fresh `python -m portcullis.engine` per run",
     )

@@ -4,7 +4,7 @@ Every run goes through :func:`portcullis.toolrun.run_tool` and never touches the
 the database is never updated (``--skip-db-update``), dependency lookups are off
 (``--offline-scan``), and so are version checks and telemetry. The vulnerability database
 must already be in the cache directory (``CACHE/db/trivy.db`` + ``metadata.json``); where
-none can be downloaded, :func:`portcullis.trivydb.write_trivy_db` writes one.
+none can be downloaded, the local stack and the tests write one (``infra/trivydb.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from portcullis.errors import ConfigurationError, PolicyRefusal, ToolError, Tran
 from portcullis.models import Digest, Frozen
 from portcullis.scan import ScanReport, parse_trivy_json
 from portcullis.toolrun import ToolResult, run_tool
-from portcullis.trivydb import SCHEMA_VERSION
+
+SCHEMA_VERSION = 2
+"""The trivy-db schema version trivy 0.76 reads."""
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a single trivy run may take before it is stopped."""
@@ -81,8 +83,8 @@ def check_db(cache_dir: Path) -> DbMetadata:
     """
     db_dir = cache_dir / "db"
     hint = (
-        "write one with portcullis.trivydb.write_trivy_db, or copy a trivy DB into "
-        f"{db_dir} (on a connected machine: `trivy image --download-db-only --cache-dir DIR`)"
+        "write one with infra.trivydb.write_trivy_db (the local stack does), or copy a trivy DB "
+        f"into {db_dir} (on a connected machine: `trivy image --download-db-only --cache-dir DIR`)"
     )
     missing = [n for n in ("trivy.db", "metadata.json") if not (db_dir / n).is_file()]
     if missing:

@@ -375,13 +375,17 @@ class PortcullisWorker(ProcessWorker):
 
 
 def waits_without_process(state: State | None) -> bool:
-    """Whether ``state`` is a suspension: the run waits on the server, rescheduled on resume.
+    """Whether ``state`` is a wait that holds no process: the run starts again later.
 
-    Prefect's ``suspend_flow_run`` pauses with ``pause_reschedule``; ``pause_flow_run`` does not
-    (its process keeps polling, so losing that process does lose the wait).
+    A suspension (``suspend_flow_run`` pauses with ``pause_reschedule``) or Scheduled (not yet
+    started, or waiting for its wait timer). ``pause_flow_run`` pauses without
+    ``pause_reschedule``: its process keeps polling, so losing that process does lose the wait.
     """
-    return (state is not None and state.type == StateType.PAUSED
-            and bool(state.state_details.pause_reschedule))
+    if state is None:
+        return False
+    if state.type == StateType.SCHEDULED:
+        return True
+    return state.type == StateType.PAUSED and bool(state.state_details.pause_reschedule)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, cast
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -30,6 +30,8 @@ from prefect.exceptions import FlowPauseTimeout, Pause
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.input.run_input import keyset_from_base_key
+from prefect.states import Scheduled
+from prefect.utilities.engine import propose_state_sync
 from pydantic import Field, ValidationError
 
 from portcullis.approval import (
@@ -57,6 +59,7 @@ from portcullis.change import WhatChanged
 from portcullis.errors import PolicyRefusal
 from portcullis.freeze import FreezeStatus
 from portcullis.state import replay_store_for
+from tasks.progress import StageProgress
 
 
 class _DecisionForm(RunInput):
@@ -253,10 +256,13 @@ def _answered_at(run_id: str, state_name: str, key: str) -> datetime | None:
     return found[0].created if found else None
 
 
-def _durable() -> bool:
-    # A run of a deployment can wait without a process: Prefect suspends it and a worker
-    # runs it again from the top when it is resumed. A run without one (the local stack's
-    # in-process flow) can only pause and keep its process.
+def waits_durably() -> bool:
+    """Whether this flow run can wait for people without a process.
+
+    A run of a deployment can: Prefect suspends it and a worker runs it again from the top
+    when it is resumed. A run without one (the local stack's in-process flow) can only pause
+    and keep its process.
+    """
     context = FlowRunContext.get()
     return bool(context and context.flow_run and context.flow_run.deployment_id)
 
@@ -274,6 +280,7 @@ def _collect(
     clock: Callable[[], datetime],
     ledger_key: str,
     durable: bool,
+    progress: Callable[[ApprovalLedger], None] | None = None,
 ) -> LedgerState:
     """Offer ``form`` until the ledger is satisfied, rejected or timed out; every answer is
     verified by the ledger and recorded. Returns the final state (never PENDING).
@@ -290,6 +297,8 @@ def _collect(
     while True:
         now = clock()
         state = ledger.state(now)
+        if progress is not None:
+            progress(ledger)
         if state is not LedgerState.PENDING:
             return state
         remaining = max(1, math.ceil((ledger.deadline - now).total_seconds()))
@@ -362,6 +371,24 @@ def termination_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), signal.SIGTERM)
 
 
+def wait_timer_without_process(until: datetime) -> NoReturn:
+    """End this process and have the run started again at ``until`` (the wait timer).
+
+    The run moves itself to Scheduled at ``until``; a worker picks it up then, and the run
+    comes back through the same restore path as a resumed approval (the ledger, satisfied,
+    is rebuilt from the run's records; the freeze and the evidence are checked again).
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        raise RuntimeError("only a flow run can wait for its wait timer without a process")
+    with termination_deferred(), get_client(sync_client=True) as client:
+        state = propose_state_sync(client, Scheduled(scheduled_time=until, name="Wait timer"),
+                                   flow_run_id=context.flow_run.id)
+        if not state.is_scheduled():
+            raise RuntimeError(f"the run could not wait for its wait timer: the server answered {state}")
+        raise Pause(state=state)
+
+
 def request_approvals(
     context: ApprovalSubject,
     policy: ApprovalPolicy,
@@ -400,7 +427,7 @@ def request_approvals(
     logger = get_run_logger()
     subject = context
     store = replay or replay_store_for(audit)
-    durable = _durable()
+    durable = waits_durably()
     ledger = _open_ledger(policy, directory, subject, store, audit, "approval.requested",
                           "approval", durable, clock)
 
@@ -408,9 +435,18 @@ def request_approvals(
         return render_approval_request(
             ledger, now, freeze=freeze(now) if freeze else None, change=change, notice=notice)
 
+    bar = StageProgress(f"approvals-{subject.app}-{subject.environment}",
+                        f"approvals for {subject.app} {subject.digest[:19]} in {subject.environment}",
+                        policy.required_approvals)
+
+    def progress(ledger: ApprovalLedger) -> None:
+        approvers = ", ".join(a.approver for a in ledger.approvals) or "nobody yet"
+        bar.at(len(ledger.approvals), f"approved by {approvers}; still needed: "
+               f"{ledger.still_needed()}; answer by {ledger.deadline:%Y-%m-%d %H:%M} UTC")
+
     state = _collect(ledger, audit, form=ApprovalForm, render=render,
                      poll_interval=poll_interval, clock=clock, ledger_key="approval",
-                     durable=durable)
+                     durable=durable, progress=progress)
     if state is LedgerState.REJECTED:
         reason = ledger.rejection_reason or "rejected"
         audit.append(_entry(subject, "approval.stopped", "portcullis", reason=reason))
@@ -421,6 +457,10 @@ def request_approvals(
     if state is LedgerState.TIMED_OUT:
         _time_out(audit, subject, ledger)
 
+    if durable and not ledger.may_proceed(clock()):
+        logger.info("approved; wait timer runs until %s (no process waits for it)",
+                    ledger.ready_at.isoformat())
+        wait_timer_without_process(ledger.ready_at)
     while not ledger.may_proceed(clock()):
         wait = (ledger.ready_at - clock()).total_seconds()
         logger.info("approved; wait timer runs until %s", ledger.ready_at.isoformat())
@@ -500,19 +540,25 @@ def decide_inconclusive_canary(
         the decision and who made it ("timeout" when nobody did).
     """
     store = replay or replay_store_for(audit)
-    # The canary holds its container (at no traffic) while a person decides, so this wait
-    # keeps its process: a resumed run would start the rollout again from the top.
+    # Waiting without a process (a suspended run), the canary was removed before asking (see
+    # tasks/canary.py rollout_with_person); otherwise it is held at no traffic meanwhile.
+    durable = waits_durably()
+    if durable:
+        for record in audit.run_records(subject.run_id):
+            if record.event == "canary.decision":  # decided before this run came back
+                return cast(Literal["promote", "rollback"], record.details["decision"]), record.actor
     ledger = _open_ledger(policy, directory, subject, store, audit, "canary.decision-requested",
-                          "canary", False, clock, analysis=analysis)
+                          "canary", durable, clock, analysis=analysis)
 
     def render(ledger: ApprovalLedger, now: datetime, notice: str | None) -> str:
         return (f"## The canary is Inconclusive\n\n{md_text(analysis, 2000)}\n\n"
-                "Answer **promote** to give it all traffic or **rollback** to return to stable.\n\n"
+                "Answer **promote** to give the new version all traffic or **rollback** to keep "
+                "the stable version.\n\n"
                 + render_approval_request(ledger, now, notice=notice))
 
     state = _collect(ledger, audit, form=CanaryDecisionForm, render=render,
                      poll_interval=poll_interval, clock=clock, ledger_key="canary",
-                     durable=False)
+                     durable=durable)
     if state is LedgerState.SATISFIED:
         who = ledger.approvals[0].approver
         audit.append(_entry(subject, "canary.decision", who, decision="promote"))

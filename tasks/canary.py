@@ -5,7 +5,9 @@ share of real traffic, step by step, while the analysis compares it with the sta
 over the same windows. Successful: all traffic moves to it and the old version is retired.
 Failed or Error (or the canary container dies): traffic goes back to stable at once and the
 canary is removed. Inconclusive: a person decides through ``on_inconclusive`` (the approval ledger's rules:
-tasks/approval.py ``decide_inconclusive_canary``).
+tasks/approval.py ``decide_inconclusive_canary``). A run that waits without a process
+(:func:`rollout_with_person`) removes the canary first and, if the person promotes, switches to
+the new version when it resumes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, cast
 
 import docker
 import docker.errors
 from docker.models.containers import Container
 from prefect.runtime import flow_run
-from pydantic import Field
+from pydantic import Field, JsonValue
 
 from blocks.credentials import DeployCredentials
 from infra.canary_watch import traffic_leases, traffic_subject
@@ -37,19 +39,34 @@ from portcullis.canary.analysis import (
 )
 from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
+from portcullis.catalog import probe_paths
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal, TransientError
 from portcullis.lease import LeaseKeeper, TrafficLease, holder_identity, lease_expiry
 from portcullis.models import Deployment, Frozen, ImageRef
-from tasks.deploy import retire_others, start_in_free_slot
+from tasks.deploy import find_live, retire_others, start_in_free_slot
+from tasks.gates import RunAudit
 
-HEALTH_PATH = "/cgi-bin/healthz"
-LOAD_PATH = "/cgi-bin/hello"
 Record = Callable[..., None]
 
 
 class CanaryFailed(PolicyRefusal):
     """The canary was rolled back; the stable version serves all traffic."""
+
+
+class CanaryAwaitsDecision(Exception):
+    """Raised by an ``on_inconclusive`` that asks its person without holding the process.
+
+    :func:`rollout` then returns all traffic to stable, removes the canary and re-raises it
+    with its report and the digest that stayed stable, for the run to record before it waits.
+    """
+
+    def __init__(self, analysis: str, report: CanaryReport | None = None,
+                 stable_digest: str | None = None) -> None:
+        super().__init__(analysis)
+        self.analysis = analysis
+        self.report = report
+        self.stable_digest = stable_digest
 
 
 class CanaryReport(Frozen):
@@ -133,19 +150,20 @@ def rollout(
     """
     plan = port_plan(app, environment)
     front = f"http://{creds.public_host}:{plan.front}/"
+    health_path = probe_paths(app).health
     client = creds.docker_client()
     try:
         live, candidate, port = start_in_free_slot(
             client, image, app, environment, commit, creds, approved_by, health_timeout)
         if live is None:
             router.ensure_route(app, environment, listen_port=plan.front, stable_port=port,
-                                health_path=HEALTH_PATH)
+                                health_path=health_path)
             record("canary.skipped", reason="first deploy: no stable version to compare with")
             return _deployment(image, app, environment, candidate, front, None, commit), None
         keeper = _hold_traffic(router, app, environment, str(candidate.id), port, policy)
         try:
             router.ensure_route(app, environment, listen_port=plan.front,
-                                stable_port=plan.slot_port(live.slot), health_path=HEALTH_PATH)
+                                stable_port=plan.slot_port(live.slot), health_path=health_path)
             with keeper.acting():
                 router.point_server(app, environment, ServerRole.CANARY, port)
             report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
@@ -166,6 +184,13 @@ def rollout(
                     router.set_canary_weight(app, environment, 100)
                     router.point_server(app, environment, ServerRole.STABLE, port)
                     router.disable_canary(app, environment)
+        except CanaryAwaitsDecision as waiting:
+            # Nobody watches a canary while its run waits without a process: stable serves
+            # everything and the canary goes; a "promote" switches to the new version later.
+            _roll_back(router, candidate, keeper, record, app, environment,
+                       "Inconclusive: stable serves all traffic while a person decides", report,
+                       decided_by="pending")
+            raise CanaryAwaitsDecision(waiting.analysis, report, live.digest) from None
         except BaseException as exc:
             # Whatever stopped the analysis, the canary must not keep its traffic.
             reason = f"{type(exc).__name__} during the canary: {exc}"
@@ -188,6 +213,73 @@ def rollout(
         )
     finally:
         client.close()
+
+
+Decide = Callable[[str], tuple[Literal["promote", "rollback"], str]]
+
+
+def rollout_with_person(
+    image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
+    policy: CanaryPolicy, router: Router, provider: MetricsProvider, audit: RunAudit,
+    record: Record, ask: Decide, durable: bool, approved_by: str = "",
+    synthetic_load: bool = False,
+) -> tuple[Deployment, CanaryReport | None]:
+    """:func:`rollout`, with a person deciding an Inconclusive canary through ``ask``.
+
+    ``durable`` (the run waits for people without a process; see tasks/approval.py): the
+    canary is removed before the person is asked, and ``canary.inconclusive`` carries the
+    analysis across the wait. The resumed run analyses nothing again: it asks (the answer is
+    usually there already) and on "promote" switches to the new version at once, provided
+    what serves is still the version the canary was compared with. Not ``durable``: the
+    person is asked while the canary is held at no traffic, as :func:`rollout` does.
+
+    Raises:
+        CanaryFailed: the canary failed, or the person (or nobody, in time) rolled it back.
+        PolicyRefusal: what serves changed while the person decided.
+    """
+    earlier = audit.earlier("canary.inconclusive")
+    if earlier is None:
+        def person(verdict: Verdict) -> tuple[Literal["promote", "rollback"], str]:
+            analysis = "\n".join([verdict.reason, *(a.summary() for a in verdict.assessments)])
+            if durable:
+                raise CanaryAwaitsDecision(analysis)
+            return ask(analysis)
+
+        try:
+            return rollout(image, app, environment, commit, creds, policy=policy, router=router,
+                           provider=provider, record=record, on_inconclusive=person,
+                           approved_by=approved_by, synthetic_load=synthetic_load)
+        except CanaryAwaitsDecision as waiting:
+            assert waiting.report is not None
+            report, analysis, stable = waiting.report, waiting.analysis, waiting.stable_digest
+            audit.record("canary.inconclusive", report=cast(JsonValue, report.model_dump(mode="json")),
+                         analysis=analysis, stable_digest=stable)
+    else:
+        report = CanaryReport.model_validate(earlier.details["report"])
+        analysis = str(earlier.details.get("analysis", ""))
+        stable = cast(str | None, earlier.details.get("stable_digest"))
+    choice, who = ask(analysis)
+    if choice == "rollback":
+        raise CanaryFailed(
+            f"canary of {app} {image.digest[:19]} in {environment} was Inconclusive and "
+            + ("nobody decided in time" if who == "timeout" else f"{who} rolled it back"),
+            hint=f"{(stable or '?')[:19]} keeps serving")
+    client = creds.docker_client()
+    try:
+        live = find_live(client, app, environment)
+    finally:
+        client.close()
+    if (live.digest if live else None) != stable:
+        raise PolicyRefusal(
+            f"{app} in {environment} changed while {who} decided on the Inconclusive canary of "
+            f"{image.digest[:19]}: {live.digest[:19] if live else 'nothing'} serves, the canary "
+            f"was compared with {(stable or 'nothing')[:19]}",
+            hint="start a new promotion: its canary compares with what serves now")
+    deployment = switch_to(image, app, environment, commit, creds, router=router, record=record,
+                           approved_by=approved_by)
+    record("canary.promoted", steps=list(report.steps), decided_by=who)
+    return deployment, report.model_copy(update={"phase": AnalysisPhase.SUCCESSFUL,
+                                                 "decided_by": who})
 
 
 def _hold_traffic(router: Router, app: str, environment: str, container_id: str, port: int,
@@ -267,6 +359,7 @@ def _analyse(
     verdict = decide(policy, measurements)
     window_start = time.monotonic()
     verdict_at: float | None = None
+    load_url = front.rstrip("/") + probe_paths(app).load
     while not verdict.phase.terminal:
         assert verdict.next_step is not None and verdict.next_weight is not None
         with keeper.acting():
@@ -276,7 +369,7 @@ def _analyse(
         # the previous weight.
         start = datetime.now(UTC) + timedelta(seconds=0.5)
         window_start = time.monotonic() + 0.5
-        load = _Load(front.rstrip("/") + LOAD_PATH, seconds + 0.5) if synthetic_load else None
+        load = _Load(load_url, seconds + 0.5) if synthetic_load else None
         crashed = None
         while datetime.now(UTC) < start + timedelta(seconds=seconds):
             crashed = _container_exit(client, container_id)
@@ -347,7 +440,7 @@ def switch_to(
         if router is not None:
             router.ensure_route(app, environment, listen_port=plan.front,
                                 stable_port=plan.slot_port(live.slot) if live else port,
-                                health_path=HEALTH_PATH)
+                                health_path=probe_paths(app).health)
             router.disable_canary(app, environment)
             router.point_server(app, environment, ServerRole.STABLE, port)
             url = f"http://{creds.public_host}:{plan.front}/"

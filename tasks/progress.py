@@ -37,6 +37,14 @@ class StageProgress:
         update_progress_artifact(self.artifact, 100.0 * self.done / self.total, description=text[:500])
         print(text)
 
+    def at(self, done: int, note: str) -> None:
+        """``done`` steps of ``total`` are done (a stage whose progress can be re-read, e.g. the
+        approvals a resumed run restored); ``note`` says where it stands."""
+        self.done = min(self.total, max(0, done))
+        text = f"{self.title}: {self.done}/{self.total} {note}"
+        update_progress_artifact(self.artifact, 100.0 * self.done / self.total, description=text[:500])
+        print(text)
+
     def tracking(self, record: Record, event: str, describe: Callable[[dict[str, JsonValue]], str]) -> Record:
         """``record`` that also advances the bar whenever ``event`` is recorded."""
         def recorded(name: str, actor: str = "portcullis", **details: JsonValue) -> None:

@@ -19,8 +19,6 @@ from portcullis.scan import (
     SbomRecord,
     ScanOutcome,
     ScanPolicy,
-    ScanReport,
-    compare_reports,
     evaluate,
     findings_table,
     sbom_markdown,
@@ -92,7 +90,6 @@ def scan_task(
     sbom_path: Path,
     cache_dir: Path,
     policy: ScanPolicy,
-    current: ScanReport | None = None,
     enforce: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> ScanOutcome:
@@ -103,23 +100,20 @@ def scan_task(
         sbom_path: the SBOM written by :func:`generate_sbom_task`.
         cache_dir: the cache directory holding trivy's vulnerability database.
         policy: the vulnerability gate's policy.
-        current: the scan of the image running in the target environment now, if any, for
-            the comparison shown to approvers.
         enforce: raise :class:`~portcullis.errors.PolicyRefusal` when the gate blocks (after
             publishing the artifacts). Leave False when the flow records the verdict first.
         timeout: seconds before trivy is stopped.
 
     Returns:
-        The report, the verdict and the comparison with what runs now.
+        The report and the verdict.
     """
     report = scan_sbom(sbom_path, image_digest=image.digest, cache_dir=cache_dir, timeout=timeout)
     verdict = evaluate(report, policy, datetime.now(UTC))
-    comparison = compare_reports(report, current)
     create_table_artifact(
         table=findings_table(verdict),
         key=_artifact_key("scan-findings", image),
-        description=f"{verdict.summary} | vs running: {comparison.summary}",
+        description=verdict.summary,
     )
     if enforce:
         verdict.require_pass()
-    return ScanOutcome(report=report, verdict=verdict, comparison=comparison)
+    return ScanOutcome(report=report, verdict=verdict)

@@ -17,7 +17,15 @@ from typing import Any
 import pyotp
 import pytest
 from prefect import flow
-from prefect.client.schemas.objects import State
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterType,
+)
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.exceptions import Pause
+from prefect.flow_engine import run_flow
 
 from portcullis.approval import ApprovalPolicy, ApproverDirectory, Requester, RequesterProof
 from portcullis.audit import AuditLog
@@ -74,14 +82,15 @@ def freeze_starting_at_call(first_frozen_call: int) -> Callable[[datetime], Free
 
 @flow(name="approval-gate-under-test", persist_result=False)
 def gate(
-    run_name: str, audit_path: str, approvers_path: str, timeout_s: int, frozen_from: int = 0
+    run_name: str, audit_path: str, approvers_path: str, timeout_s: int, frozen_from: int = 0,
+    wait_timer_s: int = 1,
 ) -> list[str]:
     """Ask for prod approval the way the promotion flow does."""
     policy = ApprovalPolicy(
         environment="prod",
         required_approvals=2,
         required_groups=("security", "platform"),
-        wait_timer=timedelta(seconds=1),
+        wait_timer=timedelta(seconds=wait_timer_s),
         timeout=timedelta(seconds=timeout_s),
     )
     subject = subject_for_current_run(
@@ -158,6 +167,14 @@ def test_bad_code_is_refused_and_two_approvers_let_the_flow_continue(
     assert resumer.error is None, resumer.error
     assert state.is_completed(), state.message
     assert state.result() == ["alice", "bob"]
+    # The UI shows where the approvals stand as a progress artifact of the run.
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            type=ArtifactFilterType(any_=["progress"])))
+    (bar,) = found
+    assert bar.key == "approvals-hello-prod" and bar.data == 100.0
+    assert bar.description is not None and "2/2 approved by alice, bob" in bar.description
 
     first, second, third, fourth = resumer.descriptions
     assert "Approve hello → prod?" in first and DIGEST in first and COMMIT in first
@@ -221,3 +238,38 @@ def test_nobody_answers_and_the_promotion_times_out(
     assert state.is_failed()
     assert time.monotonic() - started < 30
     assert [e for e, _ in events(tmp_path)] == ["approval.requested", "approval.timed_out"]
+
+
+def test_a_deployment_run_waits_without_a_process_through_approvals_and_its_wait_timer(
+    prefect_server: None, tmp_path: Path, approvers_file: Path
+) -> None:
+    """As on a worker: each wait ends the process (Suspended for people, Scheduled for the wait
+    timer) and each answer, or the timer's end, runs the engine again from the top."""
+    with get_client(sync_client=True) as client:
+        deployment = client.create_deployment(flow_id=client.create_flow(gate), name="timed")
+        run = client.create_flow_run_from_deployment(deployment, name="gate-timed", parameters={
+            "run_name": "gate-timed", "audit_path": str(tmp_path / "audit.jsonl"),
+            "approvers_path": str(approvers_file), "timeout_s": 300, "wait_timer_s": 20})
+
+        def until_it_waits() -> FlowRun:
+            with pytest.raises(Pause):
+                run_flow(gate, flow_run=client.read_flow_run(run.id))
+            return client.read_flow_run(run.id)
+
+        for name in ("alice", "bob"):
+            assert until_it_waits().state_name == "Suspended"
+            answered = client.resume_flow_run(run.id, run_input=form(name))
+            assert answered.status.value == "ACCEPT", answered.details
+        timed = until_it_waits()
+        assert timed.state is not None and timed.state_name == "Wait timer"
+        assert timed.state_type is not None and timed.state_type.value == "SCHEDULED"
+        # The timer counts from the run's start, as the ledger's deadline does.
+        ready_at = timed.start_time + timedelta(seconds=20) if timed.start_time else None
+        assert ready_at is not None and timed.state.state_details.scheduled_time == ready_at
+        # The server holds the run until then; the engine started now waits for it.
+        approvers = run_flow(gate, flow_run=client.read_flow_run(run.id))
+    assert approvers == ["alice", "bob"]
+    records = AuditLog(tmp_path / "audit.jsonl").records()
+    granted = [r for r in records if r.event == "approval.granted"]
+    assert len(granted) == 1 and granted[0].at >= ready_at
+    assert [r.event for r in records].count("approval.accepted") == 2

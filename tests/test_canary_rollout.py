@@ -10,6 +10,7 @@ and the stable side fails no request through any of it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,10 @@ import httpx
 import pyotp
 import pytest
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.exceptions import Pause
+from prefect.flow_engine import run_flow
+from prefect.runtime import flow_run as runtime_run
 
 from blocks.credentials import BuildCredentials, DeployCredentials
 from infra.haproxy import Router
@@ -36,10 +41,12 @@ from tasks.approval import (
     canary_decision_policy,
     decide_inconclusive_canary,
     subject_for_current_run,
+    waits_durably,
 )
 from tasks.build import build_and_push
-from tasks.canary import CanaryFailed, rollout
+from tasks.canary import CanaryFailed, rollout, rollout_with_person
 from tasks.deploy import LABEL_APP
+from tasks.gates import RunAudit
 from tests.conftest import AppRepo
 from tests.support.approval_driver import Resumer
 
@@ -253,3 +260,94 @@ def test_no_traffic_is_inconclusive_and_a_verified_person_decides(
     decided = [(r.actor, r.details.get("decision")) for r in audit.records() if r.event == "canary.decision"]
     assert decided == [("olga", "promote")]
     assert "quiet v2" in httpx.get(_front(app_name), timeout=5).text
+
+
+def test_an_inconclusive_canary_waits_without_its_process_and_a_person_promotes_it(
+    prefect_harness: None, stable: BuildResult, app_repo: AppRepo, app_name: str,
+    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
+    docker_client: docker.DockerClient, tmp_path: Path,
+) -> None:
+    """A deployment's run suspends for the decision: the canary is gone and stable serves while
+    nobody holds a process; each answer brings the run back (as a worker would, by running the
+    engine again), nothing is analysed twice, and "promote" switches to the new version."""
+    secret, trent_secret = pyotp.random_base32(), pyotp.random_base32()
+    approvers = tmp_path / "deploy" / "approvers.toml"
+    approvers.parent.mkdir(mode=0o700)
+    approvers.write_text(
+        f'[[approver]]\nname = "olga"\ngroups = ["on-call"]\ntotp_secret = "{secret}"\n'
+        f'[[approver]]\nname = "trent"\ngroups = ["on-call"]\ntotp_secret = "{trent_secret}"\n')
+    approvers.chmod(0o600)
+    v2 = _build(app_repo, app_name, build_creds, "quiet", MESSAGE='"durably quiet"')
+    events = Events()
+    log = AuditLog(tmp_path / "audit.jsonl")
+
+    @flow(name="durable-canary-decision-under-test")
+    def quiet_rollout() -> str:
+        audit = RunAudit(log, str(runtime_run.get_id()), app_name, "dev", v2.image.digest,
+                         v2.source.commit)
+        subject = subject_for_current_run(
+            app=app_name, environment="dev", digest=v2.image.digest, commit=v2.source.commit,
+            author=v2.source.author, requester=Requester(name="trent", proof=RequesterProof.TOTP))
+
+        def ask(analysis: str) -> Any:
+            return decide_inconclusive_canary(
+                subject, canary_decision_policy("dev", None, timedelta(minutes=5)),
+                ApproverDirectory.load(approvers), log, analysis, poll_interval=1)
+
+        provider = PrometheusProvider(traffic.prometheus_url)
+        try:
+            _, report = rollout_with_person(
+                v2.image, app_name, "dev", v2.source.commit, deploy_creds, policy=POLICY,
+                router=Router(traffic.router_dir), provider=provider, audit=audit, record=events,
+                ask=ask, durable=waits_durably())
+        finally:
+            provider.close()
+        assert report is not None
+        return f"{report.phase.value} by {report.decided_by}"
+
+    def live() -> list[str]:
+        found = docker_client.containers.list(filters={"label": f"{LABEL_APP}={app_name}"})
+        return [c.labels["dev.portcullis.digest"] for c in found]
+
+    prefix = v2.image.digest[7:19]
+    with get_client(sync_client=True) as client:
+        deployment = client.create_deployment(flow_id=client.create_flow(quiet_rollout),
+                                              name=f"{app_name}-durable")
+        run = client.create_flow_run_from_deployment(deployment, name=f"{app_name}-durable")
+
+        def until_suspended() -> str:
+            with pytest.raises(Pause):
+                run_flow(quiet_rollout, flow_run=client.read_flow_run(run.id))
+            waiting = client.read_flow_run(run.id)
+            assert waiting.state is not None and waiting.state_name == "Suspended"
+            keyset = waiting.state.state_details.run_input_keyset
+            assert keyset is not None
+            return str(json.loads(client.read_flow_run_input(run.id, keyset["description"])))
+
+        def answer(who: str, code: str) -> None:
+            result = client.resume_flow_run(run.id, run_input={
+                "approver": who, "code": code, "decision": "promote", "digest_prefix": prefix,
+                "comment": "checked the dashboards"})
+            assert result.status.value == "ACCEPT", result.details
+
+        first = until_suspended()
+        assert "Inconclusive" in first
+        analysed = [e for e in events.names() if e == "canary.step"]
+        assert analysed and events.names()[-1] == "canary.rolled-back"
+        # Nobody watches a canary while the run waits: it is gone, stable serves everything.
+        assert live() == [stable.image.digest]
+        assert "durably quiet" not in httpx.get(_front(app_name), timeout=5).text
+        answer("trent", pyotp.TOTP(trent_secret).now())  # the requester may not decide
+        assert "triggered this promotion" in until_suspended()
+        answer("olga", pyotp.TOTP(secret).now())
+        outcome = run_flow(quiet_rollout, flow_run=client.read_flow_run(run.id))
+    assert outcome == "Successful by olga"
+    assert [e for e in events.names() if e == "canary.step"] == analysed  # analysed once
+    assert events.names()[-2:] == ["deploy.switched", "canary.promoted"]
+    assert live() == [v2.image.digest]
+    assert "durably quiet" in httpx.get(_front(app_name), timeout=5).text
+    refused = [r.details.get("refusal") for r in log.records() if r.event == "approval.refused"]
+    assert refused == ["self-approval"]
+    decided = [(r.actor, r.details.get("decision")) for r in log.records() if r.event == "canary.decision"]
+    assert decided == [("olga", "promote")]
+    assert [r.event for r in log.records()].count("canary.inconclusive") == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from portcullis.catalog import catalog_freeze, load_catalog, parse_catalog
+from portcullis.catalog import ProbePaths, catalog_freeze, load_catalog, parse_catalog, probe_paths
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import evaluate_freeze
 from portcullis.policy import load_policy
@@ -94,3 +94,30 @@ def test_every_catalog_app_has_a_scheduled_deployment_per_environment() -> None:
     # one app's schedule never shares a deployment (and so a failure) with another's
     apps = [d.get("parameters", {}).get("app") for d in shipped if d["entrypoint"] in flows.values()]
     assert sorted(apps) == sorted(a.name for a in catalog.apps for _ in a.environments)
+
+
+def test_health_and_load_paths_come_from_the_entry_then_the_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "apps.toml"
+    path.write_text('health_path = "/up"\nload_path = "/work"\n' + GOOD
+                    + '\n[[app]]\nname = "own"\nrepository = "."\nenvironments = ["dev"]\n'
+                    'owners = ["x"]\nhealth_path = "/own/health"\n')
+    assert probe_paths("hello", path) == ProbePaths(health="/up", load="/work")
+    assert probe_paths("own", path) == ProbePaths(health="/own/health", load="/work")
+    assert probe_paths("not-listed", path) == ProbePaths(health="/up", load="/work")
+    # Without a load path the load goes to the health path; without a catalog, both are /.
+    path.write_text(GOOD)
+    assert probe_paths("hello", path) == ProbePaths(health="/", load="/")
+    assert probe_paths("hello", tmp_path / "missing.toml") == ProbePaths(health="/", load="/")
+    with pytest.raises(ConfigurationError, match="load_path"):
+        parse_catalog('load_path = "work"\n' + GOOD, Path("."))
+
+
+def test_the_repository_catalog_gives_the_example_apps_paths() -> None:
+    # The product names no example-app path; the catalog does (tasks/canary.py asks it).
+    paths = probe_paths("hello", REPO_ROOT / "apps.toml")
+    assert paths == ProbePaths(health="/cgi-bin/healthz", load="/cgi-bin/hello")
+    catalog = load_catalog(REPO_ROOT / "apps.toml")
+    for app in catalog.apps:  # busybox httpd serves www/; each path is a CGI script there
+        www = Path(app.source_repo(catalog.base)) / app.context / "www"
+        for path in catalog.probe_paths(app.name).model_dump().values():
+            assert (www / path.lstrip("/")).is_file(), (app.name, path)

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from portcullis.canonical import canonical_json
 from portcullis.errors import PolicyRefusal, VerificationFailed
 from portcullis.models import ImageRef
-from portcullis.oci import MEDIA_OCI_MANIFEST, RegistryClient, canonical_json
+from portcullis.oci import MEDIA_OCI_MANIFEST, RegistryClient
 from portcullis.signing.cosign_format import (
     DSSE_MEDIA_TYPE,
     SIGNATURE_ANNOTATION,

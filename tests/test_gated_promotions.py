@@ -5,7 +5,7 @@ environment's policy is enforced: prod waits for two verified approvals from dif
 refuses a forged code and the commit author's self-approval, and leaves an audit log whose
 verify command passes and fails after one changed byte. Staging refuses a digest that never
 passed dev; a freeze window refuses the run with its name, reason and end; two promotions
-racing for one environment deploy one at a time.
+racing for one environment meet at its lock and deploy one at a time.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from typing import Any
 
 import pyotp
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 
 from flows.promote import PromotionResult, promote
 from portcullis.errors import PolicyRefusal
 from portcullis.settings import Settings
 from portcullis.state import open_state
+from tasks.gates import ensure_environment_lock, lock_name
 from tests.conftest import AppRepo, PipelineEnv, without_canary
 from tests.support.approval_driver import Resumer
 from tests.support.codes import Codes
@@ -172,9 +175,20 @@ def test_two_promotions_racing_for_one_environment_deploy_one_at_a_time(
     prefect_harness: None, gated: Path, pipeline_env: PipelineEnv, app_repo: AppRepo,
     app_name: str,
 ) -> None:
+    # Given dev's deploy slot held (as a deploy in progress holds it), when two promotions start
+    # together (a barrier), then both reach the lock while it is held; once it frees, one takes
+    # it and the other waits until that one has released it.
+    trail = open_state(Settings(home=pipeline_env.home)).audit_log()
+    ensure_environment_lock("dev")
+    with get_client(sync_client=True) as client:
+        taken = client.increment_concurrency_slots_with_lease(
+            names=[lock_name("dev")], slots=1, mode="concurrency", lease_duration=600)
+    held = ConcurrencyLimitWithLeaseResponse.model_validate(taken.json()).lease_id
     results: list[Any] = []
+    start = threading.Barrier(2)
 
     def go(i: int) -> None:
+        start.wait(60)
         try:
             results.append(_run(f"{app_name}-race-{i}", app=app_name, environment="dev",
                                 source_repo=str(app_repo.path), commit="HEAD", ref="main",
@@ -182,20 +196,34 @@ def test_two_promotions_racing_for_one_environment_deploy_one_at_a_time(
         except Exception as exc:  # noqa: BLE001 - reported below
             results.append(exc)
 
+    def at_lock() -> set[str | None]:
+        # Listing the change is the last step before the lock (flows/promote.py).
+        return {r.run_id for r in trail.records() if r.app == app_name and r.event.startswith("change.")}
+
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
-        time.sleep(0.5)
+    try:
+        deadline = time.monotonic() + 300
+        while len(at_lock()) < 2 and len(results) < 2 and time.monotonic() < deadline:
+            threads[0].join(0.2)  # a bounded wait for the next look at the audit trail
+        assert len(at_lock()) == 2, results
+        before_release = len(trail.records())
+    finally:
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(held)
     for t in threads:
         t.join(300)
     assert all(isinstance(r, PromotionResult) for r in results), results
-    lock_events = [(r.event, r.run_id) for r in open_state(Settings(home=pipeline_env.home)).audit_log().records()
-                   if r.event.startswith("lock.")]
-    assert len(lock_events) == 4
-    # Acquire/release pairs never interleave: the second run waited for the first to finish.
-    assert lock_events[0][0] == "lock.acquired" and lock_events[1] == ("lock.released", lock_events[0][1])
-    assert lock_events[2][0] == "lock.acquired" and lock_events[3] == ("lock.released", lock_events[2][1])
-    assert lock_events[0][1] != lock_events[2][1]
+    records = trail.records()
+    lock_events = [(i, r.event, r.run_id) for i, r in enumerate(records) if r.event.startswith("lock.")]
+    # Never interleaved: the second acquired only after the first released (it waited).
+    assert [e for _, e, _ in lock_events] == ["lock.acquired", "lock.released"] * 2
+    (_, _, first), (_, _, first_again), (_, _, second), (_, _, second_again) = lock_events
+    assert first == first_again and second == second_again and first != second
+    # Nobody passed the lock while the slot was held, and both runs were waiting at it then.
+    assert lock_events[0][0] >= before_release
+    assert {first, second} == at_lock()
 
 
 def test_a_requester_cannot_name_someone_else_nor_go_unproven(

@@ -44,8 +44,11 @@ def _catalog(path: Path, repo: Path, a: str, b: str, *, a_frozen: bool = True, b
         return (f'[[app]]\nname = "{name}"\nrepository = "{repo}"\ncontext = "{context}"\n'
                 f'environments = ["dev", "staging", "prod"]\nowners = ["bob"]\n' + frozen + "\n")
 
+    # The example app's paths, as the repository's catalog gives them.
+    defaults = 'health_path = "/cgi-bin/healthz"\nload_path = "/cgi-bin/hello"\n\n'
     path.write_text(
-        entry(a, ".", FOREVER.format(name="a-launch", reason="a's launch week") if a_frozen else "")
+        defaults
+        + entry(a, ".", FOREVER.format(name="a-launch", reason="a's launch week") if a_frozen else "")
         + entry(b, "greeter", FOREVER.format(name="b-migration", reason="b's data migration") if b_frozen else ""))
 
 

@@ -22,10 +22,11 @@ from blocks.credentials import DeployCredentials
 from infra.registry import RunningRegistry
 from portcullis.attestations import statement
 from portcullis.audit import AuditEntry, AuditLog
+from portcullis.canonical import canonical_json
 from portcullis.chain import passed_in
 from portcullis.errors import ConfigurationError, PolicyRefusal, VerificationFailed
 from portcullis.models import ImageRef
-from portcullis.oci import MEDIA_OCI_MANIFEST, RegistryClient, canonical_json
+from portcullis.oci import MEDIA_OCI_MANIFEST, RegistryClient
 from portcullis.promotion_record import (
     PROMOTION_V1,
     ApprovalEntry,

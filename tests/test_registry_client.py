@@ -19,13 +19,13 @@ from infra.registry import (
     start_registry,
     stop_registry,
 )
+from portcullis.canonical import canonical_json
 from portcullis.errors import PolicyRefusal, TransientError, VerificationFailed, is_retryable
 from portcullis.oci import (
     MEDIA_OCI_MANIFEST,
     NotFoundInRegistry,
     RegistryAuthError,
     RegistryClient,
-    canonical_json,
     digest_of,
     referrers_tag,
 )

@@ -1,4 +1,4 @@
-"""The vulnerability gate's rules, without trivy: policy verdicts, comparison, parsing."""
+"""The vulnerability gate's rules, without trivy: policy verdicts and parsing."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from portcullis.scan import (
     ScanPolicy,
     ScanReport,
     Severity,
-    compare_reports,
     evaluate,
     findings_table,
     parse_trivy_json,
@@ -251,31 +250,6 @@ def test_every_finding_is_accounted_for_once(
         assert f.severity >= threshold
         assert int(f.vulnerability_id.rsplit("-", 1)[1]) not in valid_ids
         assert f.fixable or not ignore_unfixed
-
-
-def test_compare_reports_counts_and_deltas() -> None:
-    running = report(
-        finding("CVE-1", Severity.HIGH),
-        finding("CVE-2", Severity.HIGH),
-        finding("CVE-3", Severity.LOW),
-    )
-    candidate = report(finding("CVE-3", Severity.LOW), finding("CVE-9", Severity.CRITICAL))
-    comparison = compare_reports(candidate, running)
-    assert comparison.candidate.critical == 1 and comparison.candidate.high == 0
-    assert comparison.current is not None and comparison.current.high == 2
-    assert comparison.introduced == ("CVE-9",)
-    assert comparison.resolved == ("CVE-1", "CVE-2")
-    assert comparison.summary == (
-        "CRITICAL 1 (+1), HIGH 0 (-2), MEDIUM 0 (=), LOW 1 (=), UNKNOWN 0 (=); "
-        "1 new, 2 resolved vs running"
-    )
-
-
-def test_compare_with_nothing_running() -> None:
-    comparison = compare_reports(report(finding("CVE-1", Severity.HIGH)), None)
-    assert comparison.current is None
-    assert comparison.introduced == ("CVE-1",)
-    assert "nothing runs yet" in comparison.summary
 
 
 def _trivy_doc(vulns: list[dict[str, object]], schema: int = 2) -> bytes:

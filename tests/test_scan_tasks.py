@@ -13,10 +13,10 @@ from prefect.client.schemas.objects import State
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Failed
 
+from infra.trivydb import Advisory, Ecosystem, write_trivy_db
 from portcullis.errors import ConfigurationError, PolicyRefusal, ToolError, TransientError
 from portcullis.models import ImageRef
 from portcullis.scan import SbomRecord, ScanOutcome, ScanPolicy, Severity
-from portcullis.trivydb import Advisory, Ecosystem, write_trivy_db
 from tasks.retry import only_transient
 from tasks.scan import generate_sbom_task, scan_task
 from tests.support.oci_archive import alpine_files, write_image_archive

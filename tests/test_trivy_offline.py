@@ -1,6 +1,6 @@
 """The real trivy 0.76 binary, fully offline, against image archives and a database built here.
 
-Each test writes its own vulnerability database (portcullis.trivydb) into a fresh cache dir
+Each test writes its own vulnerability database (infra.trivydb) into a fresh cache dir
 and its own image archive (tests.support.oci_archive), so nothing is shared or downloaded.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.trivydb import PAGE_SIZE, Advisory, Ecosystem, encode_bolt, fnv1a64, write_trivy_db
 from portcullis.errors import ConfigurationError, PolicyRefusal, is_retryable
 from portcullis.scan import (
     ScanException,
@@ -23,7 +24,6 @@ from portcullis.scan import (
     summarize_cyclonedx,
 )
 from portcullis.trivy import check_db, find_trivy, generate_sbom, scan_image_archive, scan_sbom
-from portcullis.trivydb import PAGE_SIZE, Advisory, Ecosystem, encode_bolt, fnv1a64, write_trivy_db
 from tests.support.oci_archive import (
     ArchiveLayout,
     alpine_files,

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
+from portcullis.canonical import canonical_json
 from portcullis.errors import PolicyRefusal, VerificationFailed
 from portcullis.models import ImageRef
 from portcullis.oci import (
@@ -46,7 +47,6 @@ from portcullis.oci import (
     Descriptor,
     NotFoundInRegistry,
     RegistryClient,
-    canonical_json,
     digest_of,
 )
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from infra.registry import RunningRegistry, start_registry, stop_registry
+from portcullis.canonical import canonical_json
 from portcullis.models import ImageRef
 from portcullis.oci import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_LAYER,
     MEDIA_OCI_MANIFEST,
     RegistryClient,
-    canonical_json,
 )
 
 PUSHER = "builder"

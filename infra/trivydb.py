@@ -2,7 +2,8 @@
 
 trivy normally downloads its database; on a machine without internet (this project's CI, a
 laptop on a plane, the local demo stack) nothing can be downloaded, so the tests and the demo
-write a small database themselves. Two files make a database that ``trivy --skip-db-update``
+write a small database themselves. It lives in ``infra/``: the product only reads a database
+(:mod:`portcullis.trivy`), it never makes one. Two files make a database that ``trivy --skip-db-update``
 accepts, both under ``CACHE/db/``:
 
 * ``trivy.db``: a BoltDB (bbolt) file in trivy-db's schema 2, written here in pure Python;
@@ -30,9 +31,7 @@ from pydantic import Field, model_validator
 
 from portcullis.models import Frozen
 from portcullis.scan import Severity
-
-SCHEMA_VERSION = 2
-"""The trivy-db schema version trivy 0.76 reads."""
+from portcullis.trivy import SCHEMA_VERSION
 
 PAGE_SIZE = 4096
 

@@ -17,6 +17,11 @@
   audit log, approval poll, flow code checkout) and one result store, so promote-dev on the
   deploy pool can read the evidence of the build-release run it started on the build pool.
   The worker processes themselves get no PORTCULLIS_* variable: the files are the authority.
+* with ``PORTCULLIS_PRODUCTION_DEPLOY_HOSTS=b,c`` further deploy workers, one per name, each
+  standing for another host: its own folder ``<state>/hosts/<name>/`` (worker file, pid, log,
+  Prefect home, and its PORTCULLIS_HOME), the same server, state store and registry, polling
+  only its own queue ``host-<name>`` of the deploy pool (then the first polls only
+  ``default``); see docs/scaling.md, "Several deploy hosts".
 
 ``down`` stops what ``up`` started (workers, server, then the database); ``status`` reports
 what runs. State (database files, generated passwords in ``secrets.json`` mode 0600, logs)
@@ -152,11 +157,16 @@ class ProductionConfig:
     #: How often the server's scheduler turns deployment schedules into runs (Prefect's
     #: default: 60 s; a deployment changed in the last few seconds is scheduled sooner).
     scheduler_loop_seconds: float = 60.0
+    #: Further deploy workers, each standing for another host: its own state folder
+    #: (:meth:`host_dir`, with its own PORTCULLIS_HOME), worker file, logs and work queue
+    #: (:func:`host_queue`) of the deploy pool; the same server, state database and registry.
+    #: With any, the first deploy worker polls only the pool's ``default`` queue.
+    deploy_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> ProductionConfig:
         """Read ``PORTCULLIS_PRODUCTION_HOME``, ``..._PG_PORT``, ``..._PREFECT_PORT`` and
-        ``..._WORKER_QUERY_SECONDS``."""
+        ``..._WORKER_QUERY_SECONDS`` and ``..._DEPLOY_HOSTS`` (comma-separated names)."""
         return cls(
             state_dir=Path(
                 os.environ.get("PORTCULLIS_PRODUCTION_HOME", REPO_ROOT / ".production")
@@ -166,7 +176,17 @@ class ProductionConfig:
             worker_query_seconds=float(
                 os.environ.get("PORTCULLIS_PRODUCTION_WORKER_QUERY_SECONDS", "1")
             ),
+            deploy_hosts=tuple(
+                name.strip()
+                for name in os.environ.get("PORTCULLIS_PRODUCTION_DEPLOY_HOSTS", "").split(",")
+                if name.strip()
+            ),
         )
+
+    def host_dir(self, host: str | None) -> Path:
+        """The local state folder of deploy host ``host`` (None: the first host's, the state
+        directory itself): its worker file, pid, log, Prefect home and PORTCULLIS_HOME."""
+        return self.state_dir if host is None else self.state_dir / "hosts" / host
 
     @property
     def api_url(self) -> str:
@@ -562,9 +582,26 @@ def _ensure_pool(config: ProductionConfig, made: _Secrets, pool: str, reset: boo
         return f"work pool {pool}: its base job template was changed; reset to the locked one"
 
 
-def worker_name(side: Side) -> str:
-    """The name this host's worker for ``side`` registers under."""
-    return f"{side}-{socket.gethostname()}"
+def _ensure_host_queues(config: ProductionConfig, made: _Secrets) -> None:
+    """The deploy pool's queue of each further deploy host (a worker does not create them)."""
+    with _api(config, made) as api:
+        for host in config.deploy_hosts:
+            created = api.post(f"/work_pools/{POOLS['deploy']}/queues",
+                               json={"name": host_queue(host)})
+            if created.status_code not in (200, 201, 409):  # 409: it exists
+                raise PortcullisError(f"creating work queue {host_queue(host)} failed: "
+                                      f"HTTP {created.status_code} {created.text[:300]}")
+
+
+def worker_name(side: Side, host: str | None = None) -> str:
+    """The name this host's worker for ``side`` (or deploy host ``host``'s) registers under."""
+    return f"{side}-{socket.gethostname()}" + (f"-{host}" if host else "")
+
+
+def host_queue(host: str) -> str:
+    """The deploy pool's work queue only deploy host ``host`` polls: a run created with
+    ``work_queue_name=host_queue(host)`` runs there."""
+    return f"host-{host}"
 
 
 def _workers(config: ProductionConfig, made: _Secrets, pool: str) -> list[dict[str, Any]]:
@@ -575,16 +612,18 @@ def _workers(config: ProductionConfig, made: _Secrets, pool: str) -> list[dict[s
     return [w for w in response.json() if isinstance(w, dict)]
 
 
-def _worker_online(config: ProductionConfig, made: _Secrets, side: Side) -> bool:
+def _worker_online(config: ProductionConfig, made: _Secrets, side: Side,
+                   host: str | None = None) -> bool:
     return any(
-        w.get("name") == worker_name(side) and w.get("status") == "ONLINE"
+        w.get("name") == worker_name(side, host) and w.get("status") == "ONLINE"
         for w in _workers(config, made, POOLS[side])
     )
 
 
-def _worker_env(config: ProductionConfig, made: _Secrets, side: Side) -> dict[str, str]:
+def _worker_env(config: ProductionConfig, made: _Secrets, side: Side,
+                host: str | None = None) -> dict[str, str]:
     """The Prefect settings a worker gets (its flow runs get them too); no PORTCULLIS_*."""
-    env = _client_env(config, made, config.state_dir / f"worker-{side}")
+    env = _client_env(config, made, config.host_dir(host) / f"worker-{side}")
     env["PREFECT_WORKER_QUERY_SECONDS"] = f"{config.worker_query_seconds:g}"
     # One result store for both sides. Only flows that ask for it persist their result
     # (build-release does); task results stay in memory, so nothing a deploy task returns is
@@ -593,24 +632,38 @@ def _worker_env(config: ProductionConfig, made: _Secrets, side: Side) -> dict[st
     return env
 
 
-def worker_config_path(config: ProductionConfig, side: Side) -> Path:
-    """Where ``up`` writes the configuration file of ``side``'s worker."""
-    return config.state_dir / f"worker-{side}.toml"
+def worker_config_path(config: ProductionConfig, side: Side, host: str | None = None) -> Path:
+    """Where ``up`` writes the configuration file of ``side``'s worker (on deploy host ``host``)."""
+    return config.host_dir(host) / f"worker-{side}.toml"
+
+
+def _queues(config: ProductionConfig, side: Side, host: str | None) -> tuple[str, ...]:
+    if host is not None:
+        return (host_queue(host),)
+    # With further deploy hosts, runs steered to one of them must not be taken by this one.
+    return ("default",) if side == "deploy" and config.deploy_hosts else ()
 
 
 def worker_config(config: ProductionConfig, side: Side,
-                  environ: Mapping[str, str] | None = None) -> WorkerConfig:
+                  environ: Mapping[str, str] | None = None, *,
+                  host: str | None = None) -> WorkerConfig:
     """``side``'s worker configuration, from the PORTCULLIS_* settings of ``environ`` (default:
-    the environment `up` runs in) that :data:`SIDE_VARIABLES` / :data:`SHARED_VARIABLES` allow."""
+    the environment `up` runs in) that :data:`SIDE_VARIABLES` / :data:`SHARED_VARIABLES` allow.
+
+    For deploy host ``host`` (one of :attr:`ProductionConfig.deploy_hosts`) the same settings,
+    but its own PORTCULLIS_HOME in its folder: local state (lock heartbeats, router state,
+    sources, scratch space) is per host; the state store is the shared one.
+    """
     env = os.environ if environ is None else environ
     keep = SIDE_VARIABLES[side] + SHARED_VARIABLES
     chosen = {k: v for k, v in env.items() if k.startswith("PORTCULLIS_")
               and any(k == p or (p.endswith("_") and k.startswith(p)) for p in keep)}
-    home = Path(chosen.get("PORTCULLIS_HOME", REPO_ROOT / ".stack"))
+    if host is not None:
+        chosen["PORTCULLIS_HOME"] = str(config.host_dir(host) / "home")
     return WorkerConfig(
-        side=side, pool=POOLS[side], name=worker_name(side),
+        side=side, pool=POOLS[side], name=worker_name(side, host),
+        queues=_queues(config, side, host),
         checkout=Path(chosen.get("PORTCULLIS_REPO_DIR", REPO_ROOT)).resolve(),
-        audit_log=Path(chosen.get("PORTCULLIS_AUDIT_LOG", home / "audit" / "audit.jsonl")),
         deployments=ENTRYPOINTS[side], environment=chosen | _state_settings(config, side),
         # Warm by default (runs start in about a second); PORTCULLIS_PRODUCTION_WORKER_START=cold
         # gives each run a fresh interpreter.
@@ -633,13 +686,16 @@ def _state_settings(config: ProductionConfig, side: Side) -> dict[str, str]:
             "PORTCULLIS_STATE_PASSWORD": password}
 
 
-def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
-    env = _worker_env(config, made, side)
+def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side,
+                   host: str | None = None) -> int:
+    env = _worker_env(config, made, side, host)
     config.results_dir.mkdir(mode=0o700, exist_ok=True)
-    path = worker_config_path(config, side)
-    if running_pid(config.state_dir / f"worker-{side}.pid") is None:
+    folder = config.host_dir(host)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = worker_config_path(config, side, host)
+    if running_pid(folder / f"worker-{side}.pid") is None:
         # Rewritten only when the worker (re)starts: a running worker keeps its file.
-        _write_private(path, worker_config(config, side).to_toml())
+        _write_private(path, worker_config(config, side, host=host).to_toml())
     return start_daemon(
         f"worker-{side}",
         [
@@ -652,9 +708,9 @@ def _ensure_worker(config: ProductionConfig, made: _Secrets, side: Side) -> int:
             "--config",
             str(path),
         ],
-        state_dir=config.state_dir,
+        state_dir=folder,
         env=env,
-        ready=lambda: _worker_online(config, made, side),
+        ready=lambda: _worker_online(config, made, side, host),
         timeout=120,
     )
 
@@ -676,8 +732,11 @@ def up(config: ProductionConfig, *, reset_pools: bool = False) -> ProductionInfo
     _ensure_server(config, made)
     notes = [note for side in SIDES
              if (note := _ensure_pool(config, made, POOLS[side], reset_pools)) is not None]
+    _ensure_host_queues(config, made)
     for side in SIDES:
         _ensure_worker(config, made, side)
+    for host in config.deploy_hosts:
+        _ensure_worker(config, made, "deploy", host)
     env_lines = [
         f"export PREFECT_API_URL={config.api_url!r}",
         f"export PREFECT_API_AUTH_STRING={made.api_auth_string!r}",
@@ -698,9 +757,12 @@ def status(config: ProductionConfig) -> ProductionInfo:
                 if api.get(f"/work_pools/{POOLS[side]}").status_code != 200:
                     continue
             pools.append(POOLS[side])
+            hosts = {worker_name(side): None} | (
+                {worker_name(side, h): h for h in config.deploy_hosts} if side == "deploy" else {})
             for w in _workers(config, made, POOLS[side]):
-                mine = w.get("name") == worker_name(side)
-                pid = running_pid(config.state_dir / f"worker-{side}.pid") if mine else None
+                name = str(w.get("name"))
+                pid = (running_pid(config.host_dir(hosts[name]) / f"worker-{side}.pid")
+                       if name in hosts else None)
                 workers.append(
                     WorkerInfo(POOLS[side], str(w.get("name")), str(w.get("status")), pid)
                 )
@@ -719,6 +781,9 @@ def status(config: ProductionConfig) -> ProductionInfo:
 def down(config: ProductionConfig) -> list[str]:
     """Stop workers, then the server, then the database. Returns what was stopped."""
     stopped = []
+    for host in config.deploy_hosts:
+        if stop_daemon("worker-deploy", state_dir=config.host_dir(host)):
+            stopped.append(f"worker-deploy ({host})")
     for side in SIDES:
         if stop_daemon(f"worker-{side}", state_dir=config.state_dir):
             stopped.append(f"worker-{side}")

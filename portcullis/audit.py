@@ -652,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         command.add_argument(
             "--workers", type=int, default=min(os.cpu_count() or 1, 4),
-            help="processes for a large JSONL log (default: the CPUs, at most 4); 1 verifies in one",
+            help="processes for a large log or store (default: the CPUs, at most 4); 1 verifies in one",
         )
     args = parser.parse_args(argv)
     if args.command == "verify" and args.target and not _is_url(args.target):
@@ -671,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with args.target.open("rb") as lines:
                 count = store.import_records(lines)
             print(f"imported {count} record(s) from {args.target} into {store.location}")
-        report = store.verify()
+        report = store.verify(workers=args.workers)
     except PortcullisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

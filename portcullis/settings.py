@@ -5,7 +5,9 @@ These are not secrets (those live in blocks); they say where things are on this 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +61,20 @@ class Settings(BaseSettings):
         default=10, description="how often a paused approval checks for a resume (UI latency)"
     )
 
+    @classmethod
+    def of(cls, environment: Mapping[str, str]) -> Settings:
+        """The settings ``environment``'s PORTCULLIS_* variables give, and nothing else.
+
+        A worker uses this to reach what its flow runs reach (their environment is its file's,
+        see :mod:`portcullis.sides`), whatever its own process environment holds.
+        """
+        given: dict[str, Any] = {}
+        for name, value in environment.items():
+            field = name.removeprefix("PORTCULLIS_").lower()
+            if name.startswith("PORTCULLIS_") and field in cls.model_fields:
+                given[field] = value
+        return _GivenSettings(**given)
+
     @property
     def trivy_cache(self) -> Path:
         """The trivy cache directory."""
@@ -86,3 +102,12 @@ class Settings(BaseSettings):
     def audit_path(self) -> Path:
         """The local audit log file."""
         return self.audit_log or self.home / "audit" / "audit.jsonl"
+
+
+class _GivenSettings(Settings):
+    """Settings from the constructor's arguments only (no environment): see :meth:`Settings.of`."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any,
+                                   *_other_sources: Any, **_named: Any) -> tuple[Any, ...]:
+        return (init_settings,)

@@ -22,8 +22,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from portcullis.audit import AuditEntry, AuditLog
-from portcullis.errors import ConfigurationError
+from portcullis.audit import AuditEntry
+from portcullis.errors import ConfigurationError, PortcullisError
 from portcullis.models import Frozen
 from portcullis.settings import Settings
 
@@ -56,12 +56,16 @@ class WorkerConfig(Frozen):
     pool: str = Field(min_length=1, description="the work pool this worker polls")
     name: str = Field(min_length=1, description="the worker's name in the Prefect API")
     checkout: Path = Field(description="the checkout of this repository flows are loaded from")
-    audit_log: Path = Field(description="this side's audit log (worker.refused records)")
     deployments: dict[str, str] = Field(
         description="``flow/deployment`` -> the only entrypoint (``path.py:function``) it may run"
     )
     environment: dict[str, str] = Field(
         default_factory=dict, description="the exact PORTCULLIS_* settings of every flow run"
+    )
+    queues: tuple[str, ...] = Field(
+        default=(),
+        description="the pool's work queues it polls (empty: all of them); a host-specific "
+        "queue lets runs be steered to this host (docs/scaling.md)",
     )
     start: Literal["warm", "cold"] = Field(
         default="warm",
@@ -69,7 +73,7 @@ class WorkerConfig(Frozen):
         "cold: a fresh `python -m portcullis.engine` per run",
     )
 
-    @field_validator("checkout", "audit_log")
+    @field_validator("checkout")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         if not value.is_absolute():
@@ -97,7 +101,8 @@ class WorkerConfig(Frozen):
     def to_toml(self) -> str:
         """The file :func:`load_worker_config` reads back (JSON strings are TOML strings)."""
         lines = [f"{key} = {json.dumps(str(getattr(self, key)))}"
-                 for key in ("side", "pool", "name", "checkout", "audit_log", "start")]
+                 for key in ("side", "pool", "name", "checkout", "start")]
+        lines.append(f"queues = {json.dumps(list(self.queues))}")
         lines.append("\n[deployments]")
         lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in sorted(self.deployments.items())]
         lines.append("\n[environment]")
@@ -175,7 +180,8 @@ def require_worker_run(
     The worker names its configuration file in :data:`WORKER_CONFIG_VAR`; the file must pass
     :func:`load_worker_config`'s checks, declare ``expected`` and configure exactly this
     process's PORTCULLIS_* variables (none extra, none missing, none different). A refusal is
-    recorded as ``promotion.refused`` in the configured audit log.
+    recorded as ``promotion.refused`` in the state store the worker's file names
+    (:func:`record_refusal`; without a usable file, the one this process's settings name).
 
     Args:
         expected: "build" or "deploy".
@@ -210,11 +216,36 @@ def require_worker_run(
             else:
                 return config
     message = f"this flow run must run on the {expected} side's Portcullis worker, but {reason}"
-    # Without a usable worker file, the process's own settings say where the log is.
-    audit_path = config.audit_log if config is not None else Settings().audit_path
-    audit_path.parent.mkdir(parents=True, exist_ok=True)
-    AuditLog(audit_path).append(AuditEntry(
+    # Without a usable worker file, the process's own settings say where the store is.
+    failed = record_refusal(Settings() if config is None else worker_settings(config), AuditEntry(
         event="promotion.refused", actor="portcullis", run_id=run_id, app=app,
         environment=environment, details={"reason": message, "stage": "worker-side"},
     ))
+    if failed is not None:
+        message += f" (the refusal could not be recorded: {failed})"
     raise ConfigurationError(message, hint=f"run the deployment on the {expected} side's work pool")
+
+
+def worker_settings(config: WorkerConfig) -> Settings:
+    """The settings of the flow runs of the worker ``config`` configures (its file's
+    environment, nothing of the worker's own): where their state store is, among others."""
+    return Settings.of(config.environment)
+
+
+def record_refusal(settings: Settings, entry: AuditEntry) -> str | None:
+    """Append a refusal to the state store ``settings`` name, the trail flows append to.
+
+    Returns:
+        None once recorded; otherwise why it could not be (the store is unreachable or
+        refuses): the caller refuses all the same and says so.
+    """
+    # Imported here: this module stays light for the flows and warm starts that import it.
+    import sqlalchemy.exc
+
+    from portcullis.state import open_state
+
+    try:
+        open_state(settings).audit_log().append(entry)
+    except (PortcullisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None

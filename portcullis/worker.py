@@ -9,7 +9,7 @@ worker obeys none:
   carries job variables, whose deployment is not configured for this worker or points at
   another entrypoint, or whose pool's base job template is not :func:`locked_base_job_template`
   is moved to Failed with the reason (shown in the UI) and recorded as ``worker.refused`` in
-  the side's audit log; nothing is started;
+  the state store the worker's file names for its flow runs; nothing is started;
 * it builds each run's process from its own :class:`~portcullis.sides.WorkerConfig` only:
   the command is always :mod:`portcullis.engine` (which loads the flow from the configured
   entrypoint in the configured checkout and never runs pull steps), the environment is the
@@ -35,6 +35,7 @@ from uuid import UUID
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import httpx
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun, State, StateType, WorkPool
@@ -49,9 +50,16 @@ from prefect.utilities.engine import propose_state
 from prefect.utilities.processutils import run_process
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
-from portcullis.audit import AuditEntry, AuditLog
+from portcullis.audit import AuditEntry
 from portcullis.errors import PolicyRefusal, PortcullisError
-from portcullis.sides import WORKER_CONFIG_VAR, Side, WorkerConfig, load_worker_config
+from portcullis.sides import (
+    WORKER_CONFIG_VAR,
+    Side,
+    WorkerConfig,
+    load_worker_config,
+    record_refusal,
+    worker_settings,
+)
 from portcullis.zygote import Zygote, ZygoteUnavailable
 
 #: The run this submission checked and its ``flow/deployment`` (set around each submission).
@@ -215,6 +223,7 @@ class PortcullisWorker(ProcessWorker):
 
     def __init__(self, config: WorkerConfig, config_path: Path, *, limit: int | None = None) -> None:
         super().__init__(work_pool_name=config.pool, name=config.name,
+                         work_queues=list(config.queues) or None,
                          create_pool_if_not_found=False, limit=limit)
         self.config = config
         self.config_path = config_path
@@ -284,12 +293,17 @@ class PortcullisWorker(ProcessWorker):
     async def _refuse(self, flow_run: FlowRun, refusal: PolicyRefusal) -> None:
         self.get_flow_run_logger(flow_run).error(refusal.message)
         app = flow_run.parameters.get("app")
-        AuditLog(self.config.audit_log).append(AuditEntry(
+        entry = AuditEntry(
             event="worker.refused", actor="portcullis", run_id=str(flow_run.id),
             app=app if isinstance(app, str) else None,
             details={"reason": refusal.message, "worker": self.name, "side": self.config.side,
                      "pool": self.config.pool, "flow_run": flow_run.name},
-        ))
+        )
+        # The store this worker's flow runs append to (its file says which): one trail that
+        # `python -m portcullis.audit verify` and the history read, shared by every host.
+        failed = await anyio.to_thread.run_sync(record_refusal, worker_settings(self.config), entry)
+        if failed is not None:
+            self.get_flow_run_logger(flow_run).error("the refusal could not be recorded: %s", failed)
         try:
             await propose_state(self.client, Failed(message=refusal.message), flow_run_id=flow_run.id)
         except (Abort, ObjectNotFound, httpx.HTTPError):

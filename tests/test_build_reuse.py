@@ -106,7 +106,7 @@ def _on_deploy_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         environment = {k: v for k, v in os.environ.items()
                        if k.startswith("PORTCULLIS_") and k != WORKER_CONFIG_VAR}
         config = WorkerConfig(side="deploy", pool=POOLS["deploy"], name="deploy-test",
-                              checkout=REPO_ROOT, audit_log=tmp_path / "worker-audit.jsonl",
+                              checkout=REPO_ROOT,
                               deployments=ENTRYPOINTS["deploy"], environment=environment)
         path = tmp_path / "deploy-worker.toml"
         path.write_text(config.to_toml())

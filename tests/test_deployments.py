@@ -13,7 +13,11 @@ runs are triggered through the API or by a schedule, then:
 * emergency-promote goes through the prod freeze with a valid P1 ticket and one on-call
   approval, records the bypass with the ticket and opens a post-incident review; a closed,
   P3, unknown or mismatched ticket is refused with the reason;
-* a deployment moved to the other side's pool is refused by that pool's worker.
+* a deployment moved to the other side's pool is refused by that pool's worker;
+* two deploy workers standing for two hosts (separate state folders and homes, one server,
+  one PostgreSQL, one registry) share one truth: dev promoted on host A is seen by staging on
+  host B, promotions started on both serialise on the environment lock, a code used on A is
+  refused on B, and a pin a rollback on A set holds for a scheduled run on B.
 
 The stack, the deployments and the dev promotion are shared by the module (one build).
 """
@@ -55,12 +59,13 @@ from infra.demo_data import (
     ensure_trivy_db,
 )
 from infra.docker_engine import DockerEngine
-from infra.production import POOLS, ProductionConfig, down, state_urls, up
+from infra.production import POOLS, ProductionConfig, down, host_queue, state_urls, up
 from infra.registry import RunningRegistry, free_port
-from portcullis.audit import AuditLog, AuditRecord, AuditTrail
+from portcullis.audit import AuditRecord, AuditTrail
 from portcullis.sides import Side
 from portcullis.state import State, open_state_url
 from tasks.deploy import LABEL_APP
+from tasks.gates import ensure_environment_lock, lock_name
 from tests.support.approval_driver import Resumer
 from tests.support.codes import Codes
 from tests.support.production import (
@@ -90,6 +95,8 @@ ATTACK_TICKETS = {"future": "INC0030001", "closes-mid-wait": "INC0030002", "alon
 # Who starts each emergency case: a code is burned once used, so each person starts one run.
 REQUESTERS = {"open-p1": "trent", "closed": "erin", "p3": "frank", "other-app": "gina",
               "unknown": "hank"}
+#: The second deploy host of the stack (the first is the stack's own deploy worker).
+HOST_B = "b"
 
 
 def _policies(directory: Path) -> None:
@@ -146,11 +153,17 @@ class Stack:
         return [r for r in self.audit.records() if r.app == self.app and r.event == event
                 and (environment is None or r.environment == environment)]
 
+    def worker_log(self, host: str | None = None, side: Side = "deploy") -> str:
+        """A worker's whole log (``host``: a further deploy host of the stack)."""
+        path = self.config.host_dir(host) / f"worker-{side}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def worker_logs(self) -> str:
-        """The tail of both workers' logs, for failure messages."""
+        """The tail of every worker's log, for failure messages."""
         return "\n".join(
-            f"--- {side} worker ---\n" + (self.config.state_dir / f"worker-{side}.log")
-            .read_text(errors="replace")[-3000:] for side in POOLS)
+            [f"--- {side} worker ---\n" + self.worker_log(side=side)[-3000:] for side in POOLS]
+            + [f"--- deploy worker on host {h} ---\n" + self.worker_log(h)[-3000:]
+               for h in self.config.deploy_hosts])
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +174,7 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
     state = Path(tempfile.mkdtemp(prefix="portcullis-deployments-"))
     config = ProductionConfig(state_dir=state, postgres_port=free_port(),
                               prefect_port=free_port(), worker_query_seconds=1,
-                              scheduler_loop_seconds=2)
+                              scheduler_loop_seconds=2, deploy_hosts=(HOST_B,))
     home, policies, approvers = state / "home", state / "policies", state / "deploy" / "approvers.toml"
     app, app_repo = f"t-{secrets.token_hex(3)}", state / "app"
     _policies(policies)
@@ -224,9 +237,13 @@ def _check_shipped_schedules() -> None:
         assert [s.schedule.model_dump().get("cron") for s in staging.schedules] == ["0 22 * * 1-5"]
 
 
-def _trigger(client: SyncPrefectClient, deployment: str, name: str, **parameters: Any) -> FlowRun:
+def _trigger(client: SyncPrefectClient, deployment: str, name: str, *, host: str | None = None,
+             **parameters: Any) -> FlowRun:
+    """A run of ``deployment``; on deploy host ``host`` (None: the default queue, host A)."""
     found = client.read_deployment_by_name(deployment)
-    return client.create_flow_run_from_deployment(found.id, parameters=parameters, name=name)
+    return client.create_flow_run_from_deployment(
+        found.id, parameters=parameters, name=name,
+        work_queue_name=host_queue(host) if host is not None else None)
 
 
 def _runs_of(client: SyncPrefectClient, deployment_id: UUID, app: str) -> list[FlowRun]:
@@ -620,10 +637,134 @@ def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
         message = str(run.state.message if run.state else "")
         moved_key = f"{deployment.split('/')[0]}/{deployment.split('/')[1]}-on-{POOLS[side]}"
         assert f"deployment {moved_key} is not configured on the {side} worker" in message, message
-        # The worker records its refusal in its own log (WorkerConfig.audit_log).
-        refused = [r for r in AuditLog(stack.home / "audit" / "audit.jsonl").records()
+        # The worker records its refusal in the state store its side's flows append to.
+        refused = [r for r in stack.audit.records()
                    if r.event == "worker.refused" and r.run_id == str(run.id)]
         assert len(refused) == 1 and refused[0].details["side"] == side
+
+
+# --- two deploy hosts, one truth -------------------------------------------------------------
+
+
+def _ran_on(stack: Stack, run: FlowRun) -> list[str]:
+    """Which deploy hosts' workers took ``run`` ("a": the stack's own), from their logs."""
+    line = f"submitting flow run '{run.id}'"
+    return [name for name, host in (("a", None), *((h, h) for h in stack.config.deploy_hosts))
+            if line in stack.worker_log(host)]
+
+
+def _lock_spans(stack: Stack, runs: list[FlowRun]) -> list[tuple[str, int, int]]:
+    """(run, seq of lock.acquired, seq of lock.released) of each run, by acquisition."""
+    spans = []
+    for run in runs:
+        events = {r.event: r.seq for r in stack.audit.run_records(str(run.id))}
+        spans.append((str(run.id), events["lock.acquired"], events["lock.released"]))
+    return sorted(spans, key=lambda span: span[1])
+
+
+def _poll_events(client: SyncPrefectClient, stack: Stack, run: FlowRun, event: str,
+                 timeout: float = 120) -> None:
+    def seen() -> bool:
+        return event in {r.event for r in stack.audit.run_records(str(run.id))}
+    try:
+        _poll(seen, timeout, f"{run.name} recorded no {event}")
+    except TimeoutError as exc:
+        now = client.read_flow_run(run.id)
+        raise AssertionError(f"{exc}: it is {now.state!r} in queue {now.work_queue_name}; "
+                             f"events {[r.event for r in stack.audit.run_records(str(run.id))]}"
+                             f"\n{stack.worker_logs()}") from None
+
+
+def test_two_deploy_hosts_share_one_truth(stack: Stack, dev: DevPromotion) -> None:
+    # Given: dev was promoted through host A (the default queue, which only A polls).
+    assert dev.run.work_queue_name == "default" and _ran_on(stack, dev.run) == ["a"]
+    b_home = stack.config.host_dir(HOST_B) / "home"
+    assert b_home != stack.home
+    with get_client(sync_client=True) as client:
+        # When: staging promotions of the same app start on both hosts, and the environment's
+        # lock is held (here by the test) while both are approved.
+        requester_a = code("gina")
+        on_a = _trigger(client, "promote-staging/staging", f"{stack.app}-host-a", app=stack.app,
+                        image=dev.image, requested_by="gina", requester_code=requester_a)
+        on_b = _trigger(client, "promote-staging/staging", f"{stack.app}-host-b", host=HOST_B,
+                        app=stack.app, image=dev.image, requested_by="hank",
+                        requester_code=code("hank"))
+        waiting = [_suspended(client, on_a.id), _suspended(client, on_b.id)]
+
+        # A code used on A (gina's, which started the run on A) is refused on B. Checked while
+        # the code is still current, so "used" is the only reason left to refuse it.
+        replayed = wait_final(client, _trigger(
+            client, "promote-staging/staging", f"{stack.app}-replay-b", host=HOST_B,
+            app=stack.app, image=dev.image, requested_by="gina", requester_code=requester_a).id)
+        assert _ran_on(stack, replayed) == [HOST_B]
+        assert replayed.state_name == "Failed"
+        assert "the requester code for gina was already used" in str(
+            replayed.state.message if replayed.state else "")
+
+        ensure_environment_lock("staging")
+        held = client.increment_concurrency_slots_with_lease(
+            names=[lock_name("staging")], slots=1, mode="concurrency", lease_duration=120)
+        lease = UUID(held.json()["lease_id"])
+        try:
+            # Two approvers: codes are burned in one store for both hosts, and a person's
+            # later code used first makes their earlier one useless.
+            for run, approver in zip(waiting, ("carol", "bob"), strict=True):
+                _answer(client, run, form(approver, dev.digest))
+            for run in waiting:
+                _poll_events(client, stack, run, "approval.accepted")
+            # Both approved, neither deploys while the slot is taken (by another "host").
+            assert all("lock.acquired" not in {r.event for r in stack.audit.run_records(str(r.id))}
+                       for r in waiting)
+        finally:
+            client.release_concurrency_slots_with_lease(lease)
+        done = [wait_final(client, run.id) for run in waiting]
+        for run in done:
+            assert run.state_name == "Completed", (
+                f"{run.name}: {run.state.message if run.state else ''}\n{stack.worker_logs()}")
+        # Then: B's staging saw A's dev record (the chain check passed on B), each host took
+        # its own run, and the two deploys never overlapped.
+        assert _ran_on(stack, done[0]) == ["a"] and _ran_on(stack, done[1]) == [HOST_B]
+        chain = [r for r in stack.audit.run_records(str(on_b.id)) if r.event == "chain.checked"]
+        assert chain and all(r.details["passed_in"] == "dev" for r in chain)
+        (_first, got_first, freed), (_second, got_second, _) = _lock_spans(stack, done)
+        assert got_first < freed < got_second, _lock_spans(stack, done)
+        # B's lock heartbeat is in B's own folder; the slot itself is the server's.
+        assert (b_home / "locks").is_dir()
+
+        # A pin set on A (a rollback there) holds for a scheduled run on B.
+        rolled = wait_final(client, _trigger(
+            client, "rollback/rollback", f"{stack.app}-rollback-a", app=stack.app,
+            environment="staging", reason="two-host check", requested_by="gina").id)
+        assert rolled.state_name == "Completed", (
+            f"{rolled.state.message if rolled.state else ''}\n{stack.worker_logs()}")
+        assert _ran_on(stack, rolled) == ["a"]
+        staging = client.read_deployment_by_name("promote-staging/staging")
+        with httpx.Client(base_url=stack.config.api_url, auth=tuple(stack.auth.split(":", 1)),  # type: ignore[arg-type]
+                          timeout=10) as api:
+            # The operator routes staging's schedule to host B for a while.
+            moved = api.patch(f"/deployments/{staging.id}", json={"work_queue_name": host_queue(HOST_B)})
+            assert moved.status_code == 204, moved.text
+            try:
+                earlier = {r.id for r in _runs_of(client, staging.id, stack.app)}
+                fire_at = datetime.now(UTC) + timedelta(seconds=4)
+                hourly: list[tuple[SCHEDULE_TYPES, bool]] = [
+                    (IntervalSchedule(interval=timedelta(hours=1), anchor_date=fire_at), True)]
+                (schedule,) = client.create_deployment_schedules(
+                    staging.id, hourly, parameters={"app": stack.app})
+                try:
+                    (fired,) = _poll(lambda: [r for r in _runs_of(client, staging.id, stack.app)
+                                              if r.id not in earlier and r.state_name != "Scheduled"],
+                                     60, "the schedule did not start a staging run")
+                finally:
+                    client.delete_deployment_schedule(staging.id, schedule.id)
+            finally:
+                assert api.patch(f"/deployments/{staging.id}",
+                                 json={"work_queue_name": "default"}).status_code == 204
+        fired = wait_final(client, fired.id)
+    assert fired.state_name == "Completed" and _ran_on(stack, fired) == [HOST_B]
+    (skipped,) = [r for r in stack.audit.run_records(str(fired.id)) if r.event == "promotion.skipped"]
+    assert str(skipped.details["reason"]).startswith(f"pinned at {dev.digest} by gina")
+    stack.state.pins.clear(stack.app, "staging")  # later staging runs start unpinned
 
 
 def test_no_log_carries_a_secret(stack: Stack, dev: DevPromotion) -> None:

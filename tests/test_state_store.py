@@ -39,6 +39,7 @@ from infra.production import (
     state_url,
 )
 from infra.registry import free_port
+from portcullis import state
 from portcullis.approval import (
     Approver,
     ApproverDirectory,
@@ -176,6 +177,24 @@ def test_the_chain_is_the_one_the_jsonl_log_defines(store_url: URL, tmp_path: Pa
     exported = tmp_path / "exported.jsonl"
     exported.write_bytes(b"".join(canonical_json(r.fields()) + b"\n" for r in appended))
     assert verify_log(exported).ok
+
+
+def test_a_parallel_verify_agrees_with_the_sequential_one(
+    store_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state, "_SPAN", 4)  # spans of 4 records: 19 records make 5 spans
+    log = StoreAuditLog(engine_for(store_url), clock=ticking(T0))
+    for i in range(19):
+        log.append(_entry(i))
+    report = log.verify(workers=2)
+    assert report.ok and report.count == 19
+    # A forged row the flows' role may insert: it chains to nothing, and verify names it.
+    with log.engine.begin() as conn:
+        conn.execute(sa.insert(state.audit_records).values(
+            seq=19, prev_hash="0" * 64, hash="f" * 64, event="promotion.completed",
+            body=b'{"forged":true}'))
+    report = log.verify(workers=2)
+    assert report == log.verify() and not report.ok and report.first_broken == 19
 
 
 def test_a_used_code_is_refused_and_one_of_many_racing_claims_wins(store_url: URL) -> None:
@@ -321,7 +340,7 @@ def test_two_processes_appending_at_once_make_one_chain(store_url: URL) -> None:
 
 
 def test_sqlite_refuses_changes_and_an_edit_past_the_triggers_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path / 'state.db'}"
     log = open_state_url(url).audit_log()
@@ -342,6 +361,8 @@ def test_sqlite_refuses_changes_and_an_edit_past_the_triggers_is_named(
     report = log.verify()
     assert not report.ok and report.first_broken == 3
     assert "does not match its hash" in report.reason
+    monkeypatch.setattr(state, "_SPAN", 2)  # the parallel verify finds it too
+    assert log.verify(workers=2) == report
     with engine.begin() as conn:  # a value of another type is caught as well
         conn.exec_driver_sql("UPDATE audit_records SET body = 'x' WHERE seq = 1")
     report = log.verify()

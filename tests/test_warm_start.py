@@ -106,7 +106,6 @@ def setup() -> Iterator[Setup]:
             path = state / "worker-warm.toml"
             path.write_text(WorkerConfig(
                 side="deploy", pool=POOL, name="warm-test", checkout=REPO_ROOT,
-                audit_log=state / "audit.jsonl",
                 deployments={"rollback/rollback": ENTRY,
                              "clear-pin/clear-pin": "tests/support/warm_flows.py:second"},
                 environment={"PORTCULLIS_HOME": str(state / "home")}, start="warm").to_toml())

@@ -8,7 +8,8 @@ Given the production-like setup (PostgreSQL, a Prefect server, one Portcullis wo
 and the shipped deployments, when someone holding the API auth string overrides a run's
 ``env`` or ``command``, opens the pool's base job template, or changes a deployment's job
 variables or entrypoint, then the worker starts nothing: the run ends Failed with the reason,
-and ``worker.refused`` is in the deploy side's audit log. A changed pull step is never run.
+and ``worker.refused`` is in the state store the deploy side's flows append to (PostgreSQL),
+where ``python -m portcullis.audit verify`` checks it. A changed pull step is never run.
 Normal and scheduled runs still complete, and no log carries a secret of the setup.
 """
 
@@ -55,10 +56,16 @@ from infra.production import (
     worker_config_path,
 )
 from infra.registry import free_port
-from portcullis.audit import AuditLog, AuditRecord
+from portcullis.audit import AuditRecord
 from portcullis.errors import ConfigurationError
-from portcullis.sides import WORKER_CONFIG_VAR, WorkerConfig, load_worker_config, require_worker_run
-from portcullis.state import open_state_url
+from portcullis.sides import (
+    WORKER_CONFIG_VAR,
+    WorkerConfig,
+    load_worker_config,
+    require_worker_run,
+    worker_settings,
+)
+from portcullis.state import StoreAuditLog, open_state, open_state_url
 from portcullis.worker import (
     PortcullisWorker,
     locked_base_job_template,
@@ -166,7 +173,7 @@ def test_a_stop_while_suspending_is_held_until_the_run_has_suspended() -> None:
 def _config(tmp: Path, **changes: Any) -> WorkerConfig:
     fields: dict[str, Any] = {
         "side": "deploy", "pool": POOLS["deploy"], "name": "deploy-test", "checkout": REPO_ROOT,
-        "audit_log": tmp / "audit" / "audit.jsonl", "deployments": ENTRYPOINTS["deploy"],
+        "deployments": ENTRYPOINTS["deploy"],
         "environment": {"PORTCULLIS_HOME": str(tmp), "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": "pw"},
     }
     fields.update(changes)
@@ -282,7 +289,8 @@ def test_the_decision_refuses_what_the_host_did_not_configure(tmp_path: Path) ->
 # ------------------------------------------------------- unit: the flow process's own check
 
 def _records(config: WorkerConfig) -> list[AuditRecord]:
-    return AuditLog(config.audit_log).records() if config.audit_log.exists() else []
+    """What the store the worker file names (here SQLite under its PORTCULLIS_HOME) holds."""
+    return open_state(worker_settings(config)).audit_log().records()
 
 
 def test_a_flow_process_under_its_workers_file_passes(tmp_path: Path) -> None:
@@ -327,13 +335,15 @@ def test_a_flow_process_on_the_other_side_or_without_a_worker_is_refused(
     env = run_environment(config, _written(tmp_path, config), {}, {})
     with pytest.raises(ConfigurationError, match="build side's Portcullis worker, but its worker is on the deploy side"):
         require_worker_run("build", environ=env)
-    monkeypatch.setenv("PORTCULLIS_AUDIT_LOG", str(tmp_path / "local.jsonl"))
+    # Without a usable worker file, the process's own settings name the store.
+    local = f"sqlite:///{tmp_path / 'local.db'}"
+    monkeypatch.setenv("PORTCULLIS_STATE_URL", local)
     with pytest.raises(ConfigurationError, match=f"{WORKER_CONFIG_VAR} is not set"):
         require_worker_run("deploy", environ={"PORTCULLIS_HOME": "/tmp"})
     env[WORKER_CONFIG_VAR] = str(tmp_path / "missing.toml")
     with pytest.raises(ConfigurationError, match="missing.toml refused"):
         require_worker_run("deploy", environ=env)
-    assert [r.event for r in AuditLog(tmp_path / "local.jsonl").records()] == ["promotion.refused"] * 2
+    assert [r.event for r in open_state_url(local).audit_log().records()] == ["promotion.refused"] * 2
     assert [r.event for r in _records(config)] == ["promotion.refused"]
 
 
@@ -350,14 +360,13 @@ class Setup:
     secrets: dict[str, str]
 
     @property
-    def audit(self) -> AuditLog:
-        """The workers' own log (worker.refused; one file for both sides here)."""
-        return AuditLog(self.home / "audit" / "audit.jsonl")
+    def audit(self) -> StoreAuditLog:
+        """The state store's trail, where the workers' refusals and the flows' records go."""
+        return open_state_url(state_urls(self.config)[0]).audit_log()
 
     def recorded(self) -> list[AuditRecord]:
-        """Everything recorded: the workers' log, then what flows put in the state store."""
-        store = open_state_url(state_urls(self.config)[0]).audit_log()
-        return self.audit.records() + store.records()
+        """Everything recorded, in order."""
+        return self.audit.records()
 
     def events_of(self, run: FlowRun) -> list[str]:
         """Audit events recorded for one run."""
@@ -522,6 +531,20 @@ def test_a_changed_pull_step_is_never_run(setup: Setup) -> None:
                 api.patch(f"/deployments/{deployment.id}", json={"pull_steps": deployment.pull_steps})
     assert run.state_name == "Completed", run.state
     assert not marker.exists()
+
+
+@on_setup
+def test_refusals_are_in_the_chain_the_verify_command_checks(setup: Setup) -> None:
+    # After the refusals above: the operator's command, with the deploy host's store settings.
+    store = load_worker_config(worker_config_path(setup.config, "deploy")).environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTCULLIS_")}
+    env.update({k: store[k] for k in ("PORTCULLIS_STATE_URL", "PORTCULLIS_STATE_PASSWORD")})
+    done = subprocess.run([sys.executable, "-m", "portcullis.audit", "verify"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "chain intact" in done.stdout
+    refused = [r for r in setup.recorded() if r.event == "worker.refused"]
+    assert len(refused) >= 5 and {r.details["side"] for r in refused} == {"deploy"}
 
 
 @on_setup

@@ -76,8 +76,10 @@ def api_logs(config: ProductionConfig, auth: str) -> str:
 def secrets_found(secrets: dict[str, str], config: ProductionConfig, auth: str,
                   extra_files: Iterable[Path] = ()) -> dict[str, list[str]]:
     """Which secret (by name) appears where: the worker logs, the server log, the API's logs."""
-    places = {path.name: path.read_text(errors="replace") for path in
+    places = {(str(path.relative_to(config.state_dir)) if path.is_relative_to(config.state_dir)
+               else path.name): path.read_text(errors="replace") for path in
               (config.state_dir / "worker-build.log", config.state_dir / "worker-deploy.log",
+               *config.state_dir.glob("hosts/*/worker-deploy.log"),
                config.state_dir / "prefect-server.log", *extra_files) if path.exists()}
     places["POST /api/logs/filter"] = api_logs(config, auth)
     return {name: [where for where, text in places.items() if value in text]

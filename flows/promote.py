@@ -25,7 +25,6 @@ from prefect.runtime import flow_run
 from pydantic import Field, JsonValue
 
 from blocks.credentials import BuildCredentials, DeployCredentials
-from infra.haproxy import Router
 from portcullis.approval import (
     ApprovalOutcome,
     ApprovalSubject,
@@ -42,6 +41,7 @@ from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import BuildResult, Deployment, Frozen, ImageRef, ReusedBuild
 from portcullis.policy import EnvironmentPolicy, load_policy
+from portcullis.router_haproxy import HaproxyRouter
 from portcullis.scan import ScanVerdict, Severity
 from portcullis.settings import Settings
 from portcullis.state import replay_store_for
@@ -506,7 +506,7 @@ def _canary(
             f"{environment} requires a canary but no Prometheus is configured",
             hint="set PORTCULLIS_PROMETHEUS_URL (the local stack does)",
         )
-    router = Router(settings.router_dir)
+    router = HaproxyRouter(settings.router_dir)
     provider = PrometheusProvider(settings.prometheus_url)
 
     def person(analysis: str) -> tuple[Literal["promote", "rollback"], str]:

@@ -16,11 +16,11 @@ from prefect.runtime import flow_run
 
 from blocks.credentials import DeployCredentials
 from flows.promote import _verify, refusals_recorded, start_run
-from infra.haproxy import Router
 from portcullis.errors import PolicyRefusal
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
 from portcullis.pins import Pin
+from portcullis.router_haproxy import HaproxyRouter
 from portcullis.settings import Settings
 from portcullis.state import open_state
 from tasks.board import publish_board
@@ -76,7 +76,7 @@ def rollback(
             checks = _verify(target, policy, audit, deploy_credentials_block, "rollback")
             commit = next(c.facts for c in checks if c.check == "provenance")["commit"]
             audit.commit = commit
-            router = Router(settings.router_dir)
+            router = HaproxyRouter(settings.router_dir)
             deployment = switch_to(
                 target, app, environment, commit, creds,
                 router=router if router.running() and policy.canary is not None else None,

@@ -24,7 +24,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 from prefect.runtime import flow_run
-from pydantic import Field, JsonValue
+from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
 from portcullis.canary.analysis import (
@@ -48,7 +48,8 @@ from portcullis.lease import (
     traffic_leases,
     traffic_subject,
 )
-from portcullis.models import Deployment, Frozen, ImageRef
+from portcullis.models import Deployment, ImageRef
+from portcullis.results import CanaryReport
 from portcullis.targets import TrafficRouter
 from tasks.deploy import find_live, retire_others, start_in_free_slot
 from tasks.gates import RunAudit
@@ -73,22 +74,6 @@ class CanaryAwaitsDecision(Exception):
         self.analysis = analysis
         self.report = report
         self.stable_digest = stable_digest
-
-
-class CanaryReport(Frozen):
-    """What the canary analysis decided, step by step, and how fast it acted."""
-
-    phase: AnalysisPhase
-    reason: str
-    steps: tuple[str, ...]
-    decided_by: str = Field(default="analysis", description="'analysis' or a verified approver")
-    seconds_to_stable: float | None = Field(
-        default=None, description="from the start of the failing window to 100% on stable"
-    )
-    load: tuple[LoadResult, ...] = ()
-    verdict_at: float | None = Field(
-        default=None, exclude=True,
-        description="time.monotonic() of a failing verdict, to time the way back to stable")
 
 
 class _Load:

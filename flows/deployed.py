@@ -31,30 +31,27 @@ from prefect.runtime import flow_run
 from blocks.credentials import DeployCredentials
 from blocks.incidents import IncidentSystemBlock
 from flows.promote import (
-    BuiltEvidence,
-    Emergency,
-    PromotionResult,
     build_with_evidence,
     deploy_built,
     deploy_side,
-    emergency_policy,
     establish_requester,
-    promoted_image,
     refusals_recorded,
-    skipped_markdown,
     start_run,
 )
 from portcullis.approval import RequesterProof
 from portcullis.chain import newest_passed, running_in
 from portcullis.errors import PolicyRefusal, TransientError
-from portcullis.incidents import Incident, check_emergency_ticket
+from portcullis.incidents import Emergency, Incident, check_emergency_ticket
 from portcullis.models import ReusedBuild
-from portcullis.policy import load_policy
+from portcullis.policy import emergency_policy, load_policy
+from portcullis.results import BuiltEvidence, PromotionResult
 from portcullis.reviews import REPORT_ARTIFACT_KEY, render_report
 from portcullis.settings import Settings
 from portcullis.sides import Side, require_worker_run
 from portcullis.state import open_state
+from portcullis.summary import skipped_markdown
 from tasks.gates import RunAudit, freeze_checker, freeze_gate, open_audit_log
+from tasks.promotion import promoted_image
 
 BUILD_DEPLOYMENT = "build-release/build"
 #: How often promote-dev asks whether the build run finished (Prefect's default is 5 s).

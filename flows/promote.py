@@ -14,7 +14,7 @@ decision goes to the hash-chained audit log.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -22,17 +22,15 @@ from typing import Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from pydantic import Field, JsonValue
+from pydantic import JsonValue
 
 from blocks.credentials import BuildCredentials, DeployCredentials
-from infra.haproxy import Router
 from portcullis.approval import (
     ApprovalOutcome,
     ApprovalSubject,
     Requester,
     RequesterProof,
     configured_directory,
-    render_what_changed,
 )
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.catalog import catalog_freeze
@@ -40,12 +38,15 @@ from portcullis.chain import running_in
 from portcullis.change import WhatChanged, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
 from portcullis.gitops import GitOpsCommit
-from portcullis.models import BuildResult, Deployment, Frozen, ImageRef, ReusedBuild
+from portcullis.incidents import Emergency
+from portcullis.models import Deployment, ImageRef, ReusedBuild
 from portcullis.policy import EnvironmentPolicy, load_policy
-from portcullis.scan import ScanVerdict, Severity
+from portcullis.results import BuiltEvidence, CanaryReport, PromotionResult, SupplyChainTimings
 from portcullis.settings import Settings
 from portcullis.state import replay_store_for
-from portcullis.verification import CheckResult
+from portcullis.summary import skipped_markdown, summary_markdown
+from portcullis.targets import TrafficRouter, deploy_target
+from portcullis.verification import provenance_facts
 from tasks.approval import (
     canary_decision_policy,
     decide_inconclusive_canary,
@@ -56,7 +57,7 @@ from tasks.approval import (
 )
 from tasks.board import BoardPublishingLog, publish_board
 from tasks.build import build_image, find_reusable_build
-from tasks.canary import CanaryReport, rollout_with_person, traffic_lease_seconds
+from tasks.canary import rollout_with_person, traffic_lease_seconds
 from tasks.deploy import deploy
 from tasks.gates import (
     DEFAULT_WINDOW_SECONDS,
@@ -68,7 +69,7 @@ from tasks.gates import (
 )
 from tasks.gitops import commit_promotion
 from tasks.progress import StageProgress
-from tasks.promotion import complete_promotion, verify_passed
+from tasks.promotion import complete_promotion, promoted_image
 from tasks.scan import generate_sbom_task, scan_task
 from tasks.supply_chain import (
     attest_sbom,
@@ -76,100 +77,10 @@ from tasks.supply_chain import (
     compare_with_running,
     export_image_archive,
     sign_image_and_provenance,
-    verify_evidence,
+    verify_and_record,
 )
 
 Environment = Literal["dev", "staging", "prod"]
-
-
-class SupplyChainTimings(Frozen):
-    """Wall time of the supply-chain stages against the sum of the tools' own times."""
-
-    wall_seconds: float
-    sign_seconds: float
-    sbom_tool_seconds: float
-    scan_tool_seconds: float
-    attest_seconds: float
-
-    @property
-    def tools_sum(self) -> float:
-        """What the stages would take one after another."""
-        return self.sign_seconds + self.sbom_tool_seconds + self.scan_tool_seconds + self.attest_seconds
-
-
-class BuiltEvidence(Frozen):
-    """What the build side produced for a new digest."""
-
-    build: BuildResult
-    scan: ScanVerdict
-    timings: SupplyChainTimings
-
-
-class PromotionResult(Frozen):
-    """Everything a promotion decided."""
-
-    app: str
-    environment: str
-    image: ImageRef
-    commit: str
-    built: BuiltEvidence | None
-    verification: tuple[CheckResult, ...]
-    approved_by: tuple[str, ...]
-    deployment: Deployment | None = Field(description="what runs, for Docker targets")
-    gitops: GitOpsCommit | None = Field(default=None, description="the overlay commit, for GitOps targets")
-    canary: CanaryReport | None = None
-    policy_sha256: str
-    reused: ReusedBuild | None = Field(default=None, description="set when no new build was needed")
-    change: WhatChanged | None = Field(default=None, description="what changed since the running version")
-
-
-def summary_markdown(result: PromotionResult) -> str:
-    """The promotion summary shown as a Prefect artifact."""
-    deployment = result.deployment
-    gitops = result.gitops
-    rows = [
-        ("app", result.app),
-        ("environment", result.environment),
-        ("image", f"`{result.image}`"),
-        ("commit", f"`{result.commit}`"),
-        *[(f"verified: {c.check}", c.detail) for c in result.verification],
-        ("approved by", ", ".join(result.approved_by) or "no approval required"),
-        ("running at", deployment.url if deployment else f"GitOps: {gitops.pushed_to if gitops else '?'}"),
-        ("rollback target", f"`{deployment.previous_digest}`" if deployment and deployment.previous_digest
-         else ("revert of the overlay commit" if gitops else "none (first deploy)")),
-        ("policy sha256", f"`{result.policy_sha256[:16]}`"),
-        ("deployed at", deployment.deployed_at.isoformat() if deployment else "applied by the GitOps controller"),
-    ]
-    if result.canary is not None:
-        rows.append(("canary", f"{result.canary.phase.value} (decided by {result.canary.decided_by})"))
-        rows.extend((f"canary step {i}", step) for i, step in enumerate(result.canary.steps))
-    if result.built is not None:
-        t = result.built.timings
-        rows.insert(4, ("scan", result.built.scan.summary))
-        rows.append(("supply chain", f"{t.wall_seconds:.2f}s wall vs {t.tools_sum:.2f}s of tool time"))
-    if result.reused is not None:
-        rows.insert(4, ("build", _reused_text(result.reused)))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    change = "\n".join(render_what_changed(result.change)) + "\n" if result.change else ""
-    return f"# Promoted {result.app} to {result.environment}\n\n| | |\n|---|---|\n{table}\n\n{change}"
-
-
-def _reused_text(reused: ReusedBuild) -> str:
-    return (f"reused, not rebuilt: commit `{reused.commit[:12]}` on base `{reused.base_image}` was "
-            f"built as this digest at {reused.built_at.isoformat()} (audit record {reused.record_seq})")
-
-
-def skipped_markdown(app: str, environment: str, reason: str, *, image: ImageRef | None = None,
-                     checks: Sequence[CheckResult] = (), reused: ReusedBuild | None = None) -> str:
-    """The artifact of a run that had nothing new to do: why, and what was re-verified."""
-    rows = [("app", app), ("environment", environment), ("skipped because", reason)]
-    if image is not None:
-        rows.append(("image", f"`{image}`"))
-    if reused is not None:
-        rows.append(("build", _reused_text(reused)))
-    rows += [(f"re-verified: {c.check}", c.detail) for c in checks]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# Nothing to promote: {app} in {environment}\n\n| | |\n|---|---|\n{table}\n"
 
 
 def reuse_or_force(
@@ -242,51 +153,6 @@ def build_with_evidence(
     # The failing verdict is already signed and attached: the refusal itself is evidence.
     outcome.verdict.require_pass()
     return BuiltEvidence(build=build, scan=outcome.verdict, timings=timings)
-
-
-def _verify(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudit, block: str | None,
-            stage: str, *, once: bool = False) -> list[CheckResult]:
-    """Verify the evidence and record it. ``once``: a run resumed after a wait takes what it
-    verified at this stage before (the gates after the wait verify again)."""
-    if once and (earlier := audit.earlier("verification.passed", stage=stage)) is not None:
-        results = earlier.details.get("results")
-        if isinstance(results, list):
-            return [CheckResult.model_validate(r) for r in results]
-    try:
-        checks = verify_evidence(image, policy, block)
-    except PortcullisError as exc:
-        audit.record("verification.refused", stage=stage, reason=str(exc))
-        raise
-    audit.record("verification.passed", stage=stage,
-                 checks={c.check: c.detail for c in checks},
-                 results=[c.model_dump(mode="json") for c in checks])
-    return checks
-
-
-class Emergency(Frozen):
-    """Why the emergency path is taken: a verified, open incident."""
-
-    ticket: str
-    justification: str
-    incident_summary: str
-
-
-def emergency_policy(policy: EnvironmentPolicy) -> EnvironmentPolicy:
-    """The policy the emergency path runs under: the shorter approval rule, a CRITICAL-only
-    scan gate, and the digest must have passed dev. Signature, provenance and SBOM checks are
-    unchanged; freeze windows are bypassed by :func:`deploy_side`, with the ticket in the
-    audit trail; the requester is verified and can never approve, so two people are involved.
-    """
-    if policy.emergency_approval is None:
-        raise PolicyRefusal(f"{policy.environment} has no emergency path in its policy")
-    scan = policy.scan
-    if scan.threshold.rank < Severity.CRITICAL.rank:
-        # A HIGH finding may ride along with a hotfix; a CRITICAL one never does.
-        scan = scan.model_copy(update={"threshold": Severity.CRITICAL})
-    # Expedited, never bypassed: the digest must still have been built and verified by
-    # Portcullis and passed dev; skipping staging is stated in the post-incident review.
-    return policy.model_copy(update={"approval": policy.emergency_approval, "scan": scan,
-                                     "promote_from": "dev"})
 
 
 def establish_requester(
@@ -364,7 +230,7 @@ def deploy_built(
     if running is None or running.digest != image.digest:
         return deploy_side(app, environment, image, fresh, requester, deploy_block,
                            settings, policy, audit, reused=reused)
-    checks = _verify(image, policy, audit, deploy_block, "already-running")
+    checks = verify_and_record(image, policy, audit, deploy_block, "already-running")
     how = "reused" if reused is not None else "rebuilt (forced) to the same digest"
     reason = (f"{image.digest} (commit {commit[:12]}, {how}) already runs in {environment} "
               f"(audit record {running.seq}); nothing new to deploy")
@@ -411,8 +277,8 @@ def deploy_side(
         audit.record("freeze.bypassed", stage=stage, ticket=emergency.ticket,
                      frozen=status.frozen, summary=status.summary())
 
-    checks = _verify(image, policy, audit, deploy_block, "before-approval", once=True)
-    provenance = next(c.facts for c in checks if c.check == "provenance")
+    checks = verify_and_record(image, policy, audit, deploy_block, "before-approval", once=True)
+    provenance = provenance_facts(checks)
     audit.commit = provenance["commit"]
 
     # Listed before anyone is asked and before traffic moves: it is compared with what runs now.
@@ -447,24 +313,25 @@ def deploy_side(
     with environment_lock(environment, audit, window_seconds=_lock_window(policy)):
         # Re-check after the lock: time passed while waiting for approvals and the slot.
         freeze("before-traffic")
-        checks = _verify(image, policy, audit, deploy_block, "after-lock")
+        checks = verify_and_record(image, policy, audit, deploy_block, "after-lock")
         if before_traffic is not None:
             before_traffic()
         canary_report: CanaryReport | None = None
         gitops: GitOpsCommit | None = None
         deployment: Deployment | None = None
-        if policy.target == "gitops":
+        target = deploy_target(policy, settings)
+        if target.kind == "gitops":
             # Pull-based: the controller in the cluster applies what this commit pins.
             gitops = commit_promotion(app, environment, image, provenance["commit"],
                                       flow_run.get_flow_run_ui_url() or str(flow_run.get_id()),
                                       list(approved_by), canary=policy.canary)
-        elif policy.canary is None:
+        elif target.router is None:
             deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
                                 approved_by=",".join(approved_by))
         else:
             deployment, canary_report = _canary(
                 image, app, environment, provenance["commit"], deploy_creds, policy, settings,
-                audit, ",".join(approved_by), subject)
+                audit, ",".join(approved_by), subject, target.router)
         # Signs the promotion record the next environment trusts, then records COMPLETED.
         complete_promotion(audit, image, policy, checks, approved_by, commit=provenance["commit"],
                            requested_by=requester.name, deployment=deployment, gitops=gitops,
@@ -497,7 +364,7 @@ def _lock_window(policy: EnvironmentPolicy) -> float:
 def _canary(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials,
     policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, approved_by: str,
-    subject: Callable[[], ApprovalSubject],
+    subject: Callable[[], ApprovalSubject], router: TrafficRouter,
 ) -> tuple[Deployment, CanaryReport | None]:
     """Roll out behind the router with canary analysis; a person decides an Inconclusive."""
     assert policy.canary is not None
@@ -506,7 +373,6 @@ def _canary(
             f"{environment} requires a canary but no Prometheus is configured",
             hint="set PORTCULLIS_PROMETHEUS_URL (the local stack does)",
         )
-    router = Router(settings.router_dir)
     provider = PrometheusProvider(settings.prometheus_url)
 
     def person(analysis: str) -> tuple[Literal["promote", "rollback"], str]:
@@ -551,23 +417,6 @@ def refusals_recorded(audit: RunAudit) -> Iterator[None]:
         audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
         publish_board()
         raise
-
-
-def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit,
-                   deploy_block: str | None = None) -> ImageRef:
-    """For a promoting environment: the digest, which must have passed the one before (a
-    promotion record signed by that environment's deploy side; the audit log proves nothing)."""
-    if policy.promote_from is None:
-        raise PolicyRefusal(f"{policy.environment} builds from source; it does not take an image")
-    if image_ref is None:
-        raise PolicyRefusal(
-            f"{policy.environment} never rebuilds: pass the digest that passed {policy.promote_from}",
-        )
-    image = ImageRef.parse(image_ref)
-    audit.digest = image.digest
-    passed = verify_passed(image, policy.promote_from, audit.app, deploy_block)
-    audit.record("chain.checked", passed_in=policy.promote_from, record=passed)
-    return image
 
 
 @flow(name="promote", log_prints=True)

@@ -15,20 +15,22 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.credentials import DeployCredentials
-from flows.promote import _verify, refusals_recorded, start_run
-from infra.haproxy import Router
+from flows.promote import refusals_recorded, start_run
 from portcullis.errors import PolicyRefusal
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
 from portcullis.pins import Pin
 from portcullis.settings import Settings
 from portcullis.state import open_state
+from portcullis.targets import deploy_target
+from portcullis.verification import provenance_facts
 from tasks.board import publish_board
 from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
 from tasks.gates import RunAudit, environment_lock
 from tasks.gitops import revert_promotion
 from tasks.promotion import complete_rollback
+from tasks.supply_chain import verify_and_record
 
 Environment = Literal["dev", "staging", "prod"]
 
@@ -54,7 +56,8 @@ def rollback(
         raise PolicyRefusal("a rollback needs a reason")
     settings, policy, audit = start_run(app, environment, requested_by, rollback_reason=reason)
     with refusals_recorded(audit):
-        if policy.target == "gitops":
+        target = deploy_target(policy, settings)
+        if target.kind == "gitops":
             return _rollback_gitops(app, environment, reason, requested_by, settings, audit)
         creds = DeployCredentials.resolve(deploy_credentials_block)
         client = creds.docker_client()
@@ -70,31 +73,31 @@ def rollback(
                 f"{app} in {environment} has no previous digest recorded: it is the first deploy",
             )
         current = ImageRef.parse(str(live.container.attrs["Config"]["Image"]))
-        target = current.model_copy(update={"digest": previous})
-        audit.digest = target.digest
+        image = current.model_copy(update={"digest": previous})
+        audit.digest = image.digest
         with environment_lock(environment, audit):
-            checks = _verify(target, policy, audit, deploy_credentials_block, "rollback")
-            commit = next(c.facts for c in checks if c.check == "provenance")["commit"]
+            checks = verify_and_record(image, policy, audit, deploy_credentials_block, "rollback")
+            commit = provenance_facts(checks)["commit"]
             audit.commit = commit
-            router = Router(settings.router_dir)
+            router = target.router
             deployment = switch_to(
-                target, app, environment, commit, creds,
-                router=router if router.running() and policy.canary is not None else None,
+                image, app, environment, commit, creds,
+                router=router if router is not None and router.running() else None,
                 record=audit.record,
             )
             audit.record("rollback.completed", rolled_back_from=live.digest, url=deployment.url,
                          reason=reason, commit_before=live.container.labels.get(LABEL_REVISION))
-            complete_rollback(audit, target, policy, checks, commit=commit,
+            complete_rollback(audit, image, policy, checks, commit=commit,
                               rolled_back_from=live.digest, reason=reason,
                               requested_by=requested_by, deployed_to=deployment.url,
                               credentials_block=deploy_credentials_block)
         open_state(settings).pins.pin(Pin(
-            app=app, environment=environment, digest=target.digest, pinned_by=requested_by,
+            app=app, environment=environment, digest=image.digest, pinned_by=requested_by,
             reason=reason,
         ))
         audit.record("environment.pinned", actor=requested_by, reason=reason)
         publish_board()
-        print(f"{app} in {environment} rolled back to {target.digest} and pinned")
+        print(f"{app} in {environment} rolled back to {image.digest} and pinned")
         return deployment
 
 

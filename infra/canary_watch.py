@@ -30,10 +30,10 @@ from types import FrameType
 import docker
 import docker.errors
 
-from infra.haproxy import Router, backend_name
 from portcullis.environments import Slot, port_plan
 from portcullis.errors import PortcullisError
-from portcullis.lease import LeaseStore, Reclaim, RouteView, TrafficLease, reclaim_traffic
+from portcullis.lease import Reclaim, RouteView, TrafficLease, reclaim_traffic, traffic_leases
+from portcullis.router_haproxy import HaproxyRouter
 
 _log = logging.getLogger("portcullis.canary_watch")
 
@@ -45,17 +45,7 @@ GRACE_SECONDS = 1.0
 """Time requests in flight on the canary get to finish after it leaves the rotation."""
 
 
-def traffic_leases(router_dir: Path) -> LeaseStore[TrafficLease]:
-    """Where rollouts keep their traffic leases for the router in ``router_dir``."""
-    return LeaseStore(router_dir / "leases", TrafficLease)
-
-
-def traffic_subject(app: str, environment: str) -> str:
-    """The lease subject of an app's canary in an environment."""
-    return backend_name(app, environment)
-
-
-def _route_view(router: Router, lease: TrafficLease) -> RouteView | None:
+def _route_view(router: HaproxyRouter, lease: TrafficLease) -> RouteView | None:
     route = router.settings().find(lease.app, lease.environment)
     if route is None:
         return None
@@ -90,7 +80,7 @@ class Watcher:
     """
 
     def __init__(self, router_dir: Path, docker_host: str | None = None) -> None:
-        self.router = Router(router_dir)
+        self.router = HaproxyRouter(router_dir)
         self.store = traffic_leases(router_dir)
         self.docker_host = docker_host
         self.journal = router_dir / "leases" / "reclaimed.jsonl"

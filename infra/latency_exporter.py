@@ -3,8 +3,8 @@
 HAProxy's Prometheus exporter has averages and maxima of response times but no histogram, so
 no p99 can be computed from it. HAProxy can, however, send one syslog line per request over
 UDP. This exporter listens for those lines on loopback, parses the fields written by
-:data:`LOG_FORMAT` (backend, server, status, Tr and Tt timers) and exposes Prometheus
-histograms per backend and server with log-spaced buckets at most 10% wide
+:data:`portcullis.router_haproxy.LOG_FORMAT` (backend, server, status, Tr and Tt timers) and
+exposes Prometheus histograms per backend and server with log-spaced buckets at most 10% wide
 (:data:`portcullis.canary.metrics.LATENCY_BUCKETS`, 1 ms to 30 s), so the canary judge gets
 each server's whole response-time distribution over a window from ``increase()`` of the
 buckets, not one interpolated quantile.
@@ -35,12 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 from portcullis.canary.metrics import LATENCY_BUCKETS, RESPONSE_SECONDS_METRIC
 from portcullis.errors import TransientError
-
-LOG_TAG = "portcullis-v1"
-"""Marks our lines in the syslog stream; bump it when the format changes."""
-
-LOG_FORMAT = f"{LOG_TAG} proxy=%b server=%s status=%ST tr=%Tr tt=%Tt"
-"""HAProxy ``log-format`` whose lines this exporter parses (infra/haproxy.py renders it)."""
+from portcullis.router_haproxy import LOG_TAG
 
 _LINE_RE = re.compile(
     rf"{re.escape(LOG_TAG)} proxy=(?P<proxy>\S+) server=(?P<server>\S+) "

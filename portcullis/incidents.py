@@ -455,3 +455,11 @@ class TicketUse(Frozen):
     def allowed(self) -> int:
         """How many emergency promotions the ticket may serve: one, plus one per re-authorisation."""
         return 1 + len(self.reauthorisations)
+
+
+class Emergency(Frozen):
+    """Why the emergency path is taken: a verified, open incident."""
+
+    ticket: str
+    justification: str
+    incident_summary: str

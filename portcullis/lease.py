@@ -204,6 +204,18 @@ class LeaseStore(Generic[L]):
                 self.remove(subject)
 
 
+def traffic_leases(router_dir: Path) -> LeaseStore[TrafficLease]:
+    """Where rollouts keep their traffic leases for the router in ``router_dir`` (the canary
+    watcher reads them there)."""
+    return LeaseStore(router_dir / "leases", TrafficLease)
+
+
+def traffic_subject(app: str, environment: str) -> str:
+    """The lease subject of an app's canary in an environment (``app.environment``, the name
+    the router gives the app's backend)."""
+    return f"{app}.{environment}"
+
+
 def lease_expiry(ttl_seconds: float, now: datetime | None = None) -> datetime:
     """When a lease taken or renewed now expires."""
     return (now or datetime.now(UTC)) + timedelta(seconds=ttl_seconds)

@@ -21,11 +21,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from portcullis.approval import ApprovalPolicy
 from portcullis.canary.analysis import CanaryPolicy
-from portcullis.errors import ConfigurationError
+from portcullis.errors import ConfigurationError, PolicyRefusal
 from portcullis.freeze import FreezePolicy
 from portcullis.incidents import DEFAULT_MAX_TICKET_AGE
 from portcullis.models import Frozen
-from portcullis.scan import ScanPolicy
+from portcullis.scan import ScanPolicy, Severity
 
 
 class EnvironmentPolicy(Frozen):
@@ -121,3 +121,21 @@ def load_policy(environment: str, policy_dir: Path) -> EnvironmentPolicy:
         )
     except (tomllib.TOMLDecodeError, ValidationError) as exc:
         raise ConfigurationError(f"policy {path} is invalid: {exc}") from None
+
+
+def emergency_policy(policy: EnvironmentPolicy) -> EnvironmentPolicy:
+    """The policy the emergency path runs under: the shorter approval rule, a CRITICAL-only
+    scan gate, and the digest must have passed dev. Signature, provenance and SBOM checks are
+    unchanged; freeze windows are bypassed by ``flows.promote.deploy_side``, with the ticket in the
+    audit trail; the requester is verified and can never approve, so two people are involved.
+    """
+    if policy.emergency_approval is None:
+        raise PolicyRefusal(f"{policy.environment} has no emergency path in its policy")
+    scan = policy.scan
+    if scan.threshold.rank < Severity.CRITICAL.rank:
+        # A HIGH finding may ride along with a hotfix; a CRITICAL one never does.
+        scan = scan.model_copy(update={"threshold": Severity.CRITICAL})
+    # Expedited, never bypassed: the digest must still have been built and verified by
+    # Portcullis and passed dev; skipping staging is stated in the post-incident review.
+    return policy.model_copy(update={"approval": policy.emergency_approval, "scan": scan,
+                                     "promote_from": "dev"})

@@ -29,6 +29,18 @@ class CheckResult(Frozen):
     attestation: str = Field(default="", description="digest of the signed attestation, if any")
 
 
+def provenance_facts(checks: Sequence[CheckResult]) -> dict[str, str]:
+    """What the verified provenance established (``commit``, ``author``, ``repository``...).
+
+    Raises:
+        VerificationFailed: no provenance check among ``checks``.
+    """
+    found = next((c.facts for c in checks if c.check == "provenance"), None)
+    if found is None:
+        raise VerificationFailed("provenance", "the digest", "no verified provenance among the checks")
+    return found
+
+
 class Check(Protocol):
     """A deploy-side check of the evidence for one digest."""
 

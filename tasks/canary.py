@@ -1,4 +1,4 @@
-"""Canary rollout on a Docker host behind the HAProxy router.
+"""Canary rollout on a Docker host behind its traffic router (:class:`~portcullis.targets.TrafficRouter`).
 
 The new version starts in the free slot and proves itself healthy; then it receives a growing
 share of real traffic, step by step, while the analysis compares it with the stable version
@@ -24,11 +24,9 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 from prefect.runtime import flow_run
-from pydantic import Field, JsonValue
+from pydantic import JsonValue
 
 from blocks.credentials import DeployCredentials
-from infra.canary_watch import traffic_leases, traffic_subject
-from infra.haproxy import Router, ServerRole, backend_name
 from portcullis.canary.analysis import (
     AnalysisPhase,
     CanaryPolicy,
@@ -42,8 +40,17 @@ from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
 from portcullis.catalog import probe_paths
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal, TransientError
-from portcullis.lease import LeaseKeeper, TrafficLease, holder_identity, lease_expiry
-from portcullis.models import Deployment, Frozen, ImageRef
+from portcullis.lease import (
+    LeaseKeeper,
+    TrafficLease,
+    holder_identity,
+    lease_expiry,
+    traffic_leases,
+    traffic_subject,
+)
+from portcullis.models import Deployment, ImageRef
+from portcullis.results import CanaryReport
+from portcullis.targets import TrafficRouter
 from tasks.deploy import find_live, retire_others, start_in_free_slot
 from tasks.gates import RunAudit
 
@@ -67,22 +74,6 @@ class CanaryAwaitsDecision(Exception):
         self.analysis = analysis
         self.report = report
         self.stable_digest = stable_digest
-
-
-class CanaryReport(Frozen):
-    """What the canary analysis decided, step by step, and how fast it acted."""
-
-    phase: AnalysisPhase
-    reason: str
-    steps: tuple[str, ...]
-    decided_by: str = Field(default="analysis", description="'analysis' or a verified approver")
-    seconds_to_stable: float | None = Field(
-        default=None, description="from the start of the failing window to 100% on stable"
-    )
-    load: tuple[LoadResult, ...] = ()
-    verdict_at: float | None = Field(
-        default=None, exclude=True,
-        description="time.monotonic() of a failing verdict, to time the way back to stable")
 
 
 class _Load:
@@ -129,7 +120,7 @@ def traffic_lease_seconds(policy: CanaryPolicy) -> float:
 
 def rollout(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
-    policy: CanaryPolicy, router: Router, provider: MetricsProvider, record: Record,
+    policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, record: Record,
     on_inconclusive: Callable[[Verdict], tuple[Literal["promote", "rollback"], str]],
     approved_by: str = "", synthetic_load: bool = False, health_timeout: float = 60.0,
 ) -> tuple[Deployment, CanaryReport | None]:
@@ -165,7 +156,7 @@ def rollout(
             router.ensure_route(app, environment, listen_port=plan.front,
                                 stable_port=plan.slot_port(live.slot), health_path=health_path)
             with keeper.acting():
-                router.point_server(app, environment, ServerRole.CANARY, port)
+                router.point_canary(app, environment, port)
             report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
                                        provider, record, front, synthetic_load, keeper)
             decided_by = "analysis"
@@ -182,7 +173,7 @@ def rollout(
                 # the old version: at no moment does traffic go to a container that is stopping.
                 with keeper.acting():
                     router.set_canary_weight(app, environment, 100)
-                    router.point_server(app, environment, ServerRole.STABLE, port)
+                    router.point_stable(app, environment, port)
                     router.disable_canary(app, environment)
         except CanaryAwaitsDecision as waiting:
             # Nobody watches a canary while its run waits without a process: stable serves
@@ -220,7 +211,7 @@ Decide = Callable[[str], tuple[Literal["promote", "rollback"], str]]
 
 def rollout_with_person(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
-    policy: CanaryPolicy, router: Router, provider: MetricsProvider, audit: RunAudit,
+    policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, audit: RunAudit,
     record: Record, ask: Decide, durable: bool, approved_by: str = "",
     synthetic_load: bool = False,
 ) -> tuple[Deployment, CanaryReport | None]:
@@ -282,7 +273,7 @@ def rollout_with_person(
                                                  "decided_by": who})
 
 
-def _hold_traffic(router: Router, app: str, environment: str, container_id: str, port: int,
+def _hold_traffic(router: TrafficRouter, app: str, environment: str, container_id: str, port: int,
                   policy: CanaryPolicy) -> LeaseKeeper[TrafficLease]:
     ttl = traffic_lease_seconds(policy)
     lease = TrafficLease(
@@ -298,20 +289,19 @@ def _run_id() -> str | None:
     return str(run) if run else None
 
 
-def _stable_again(router: Router, app: str, environment: str) -> None:
+def _stable_again(router: TrafficRouter, app: str, environment: str) -> None:
     """All traffic to stable, read back from HAProxy: the canary's weight is 0."""
     router.disable_canary(app, environment)
-    backend = backend_name(app, environment)
     for _ in range(10):
-        if router.runtime.get_weight(backend, ServerRole.CANARY.value) == 0:
+        if router.canary_weight(app, environment) == 0:
             return
-        router.runtime.set_weight(backend, ServerRole.CANARY.value, 0)
-    raise TransientError(f"HAProxy keeps a non-zero weight on the canary of {backend}",
+        router.disable_canary(app, environment)
+    raise TransientError(f"the router keeps a non-zero weight on the canary of {app} in {environment}",
                          hint="the canary watcher returns it to stable when the lease expires")
 
 
 def _roll_back(
-    router: Router, candidate: Container, keeper: LeaseKeeper[TrafficLease], record: Record,
+    router: TrafficRouter, candidate: Container, keeper: LeaseKeeper[TrafficLease], record: Record,
     app: str, environment: str, reason: str, report: CanaryReport | None, *, decided_by: str,
 ) -> float | None:
     """Stable gets everything back, the canary goes, the reason is recorded; each step is tried
@@ -350,7 +340,7 @@ def _roll_back(
 
 def _analyse(
     client: docker.DockerClient, container_id: str, app: str, environment: str,
-    policy: CanaryPolicy, router: Router, provider: MetricsProvider, record: Record,
+    policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, record: Record,
     front: str, synthetic_load: bool, keeper: LeaseKeeper[TrafficLease],
 ) -> tuple[CanaryReport, Verdict]:
     target = CanaryTarget(backend=f"{app}.{environment}")
@@ -424,7 +414,7 @@ def _deployment(image: ImageRef, app: str, environment: str, container: object, 
 
 def switch_to(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
-    router: Router | None, record: Record, approved_by: str = "", health_timeout: float = 60.0,
+    router: TrafficRouter | None, record: Record, approved_by: str = "", health_timeout: float = 60.0,
 ) -> Deployment:
     """Replace the serving version with ``image`` at once (no canary): the rollback path.
 
@@ -442,7 +432,7 @@ def switch_to(
                                 stable_port=plan.slot_port(live.slot) if live else port,
                                 health_path=probe_paths(app).health)
             router.disable_canary(app, environment)
-            router.point_server(app, environment, ServerRole.STABLE, port)
+            router.point_stable(app, environment, port)
             url = f"http://{creds.public_host}:{plan.front}/"
         else:
             url = f"http://{creds.public_host}:{port}/"

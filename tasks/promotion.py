@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from blocks.credentials import DeployCredentials
 from portcullis.audit import AuditLog, AuditRecord, AuditTrail
 from portcullis.chain import COMPLETED, passed_in
+from portcullis.errors import PolicyRefusal
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import Deployment, ImageRef
 from portcullis.policy import EnvironmentPolicy
@@ -31,8 +32,8 @@ from portcullis.promotion_record import (
     SignedRecord,
     sign_promotion,
 )
+from portcullis.results import CanaryReport
 from portcullis.verification import CheckResult
-from tasks.canary import CanaryReport
 from tasks.gates import RunAudit
 from tasks.retry import only_transient
 
@@ -195,3 +196,20 @@ def verify_passed(image: ImageRef, environment: str, app: str,
     with creds.registry_client() as client:
         found = passed_in(client, image, environment, trust, app)
     return f"{found.location} signed by key:{found.key_id[:16]} at {found.predicate.completed_at.isoformat()}"
+
+
+def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit,
+                   deploy_block: str | None = None) -> ImageRef:
+    """For a promoting environment: the digest, which must have passed the one before (a
+    promotion record signed by that environment's deploy side; the audit log proves nothing)."""
+    if policy.promote_from is None:
+        raise PolicyRefusal(f"{policy.environment} builds from source; it does not take an image")
+    if image_ref is None:
+        raise PolicyRefusal(
+            f"{policy.environment} never rebuilds: pass the digest that passed {policy.promote_from}",
+        )
+    image = ImageRef.parse(image_ref)
+    audit.digest = image.digest
+    passed = verify_passed(image, policy.promote_from, audit.app, deploy_block)
+    audit.record("chain.checked", passed_in=policy.promote_from, record=passed)
+    return image

@@ -35,6 +35,7 @@ from portcullis.verification import (
     sbom_check,
 )
 from tasks.build import LABEL_BASE_ID, LABEL_BASE_NAME
+from tasks.gates import RunAudit
 from tasks.retry import only_transient
 
 
@@ -213,6 +214,37 @@ def verify_evidence(image: ImageRef, policy: EnvironmentPolicy, credentials_bloc
         key=f"verify-{image.digest.removeprefix('sha256:')[:16]}",
     )
     return results
+
+
+def verify_and_record(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudit,
+                      credentials_block: str | None, stage: str, *, once: bool = False) -> list[CheckResult]:
+    """:func:`verify_evidence` at one stage of a run, with the outcome in its audit trail.
+
+    Args:
+        image: the digest about to be deployed (or rolled back to).
+        policy: the environment's policy.
+        audit: the run's audit trail: ``verification.passed`` or ``verification.refused``.
+        credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
+        stage: where in the run (``before-approval``, ``after-lock``, ``rollback``...).
+        once: a run resumed after a wait takes what it verified at this stage before (the
+            gates after the wait verify again).
+
+    Returns:
+        What each check established.
+    """
+    if once and (earlier := audit.earlier("verification.passed", stage=stage)) is not None:
+        results = earlier.details.get("results")
+        if isinstance(results, list):
+            return [CheckResult.model_validate(r) for r in results]
+    try:
+        checks = verify_evidence(image, policy, credentials_block)
+    except PortcullisError as exc:
+        audit.record("verification.refused", stage=stage, reason=str(exc))
+        raise
+    audit.record("verification.passed", stage=stage,
+                 checks={c.check: c.detail for c in checks},
+                 results=[c.model_dump(mode="json") for c in checks])
+    return checks
 
 
 def _base_of(client: RegistryClient, image: ImageRef) -> str | None:

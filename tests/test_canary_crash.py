@@ -36,10 +36,8 @@ import docker.errors
 import pytest
 
 from blocks.credentials import BuildCredentials, DeployCredentials
-from infra.canary_watch import traffic_leases
 from infra.daemon import running_pid
 from infra.docker_engine import DockerEngine
-from infra.haproxy import Router, backend_name
 from infra.prometheus import free_tcp_port
 from infra.traffic import Traffic, TrafficPorts, ensure_canary_watch, ensure_traffic, stop_traffic
 from portcullis.audit import AuditLog
@@ -52,7 +50,9 @@ from portcullis.canary.analysis import (
 )
 from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, PrometheusProvider
+from portcullis.lease import traffic_leases
 from portcullis.models import BuildResult
+from portcullis.router_haproxy import HaproxyRouter, backend_name
 from tasks.canary import CanaryFailed, rollout
 from tasks.deploy import LABEL_APP, LABEL_DIGEST
 from tasks.gates import RunAudit, environment_lock
@@ -115,12 +115,12 @@ def _wait(probe: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic()
 
 
-def _weights(router: Router, app: str) -> tuple[int, int]:
+def _weights(router: HaproxyRouter, app: str) -> tuple[int, int]:
     backend = backend_name(app, "dev")
     return router.runtime.get_weight(backend, "stable"), router.runtime.get_weight(backend, "canary")
 
 
-def _stable_failures(router: Router, app: str) -> int:
+def _stable_failures(router: HaproxyRouter, app: str) -> int:
     """Failed responses and connection errors HAProxy counted on the stable server."""
     lines = router.runtime.command("show stat").splitlines()
     rows = csv.DictReader([lines[0].lstrip("# ")] + lines[1:])
@@ -150,7 +150,7 @@ def _rollout(build: BuildResult, app: str, creds: DeployCredentials, traffic: Tr
     prom = PrometheusProvider(traffic.prometheus_url)
     try:
         return rollout(build.image, app, "dev", build.source.commit, creds, policy=POLICY,
-                       router=Router(traffic.router_dir), provider=provider or prom,
+                       router=HaproxyRouter(traffic.router_dir), provider=provider or prom,
                        record=events, on_inconclusive=lambda _v: ("rollback", "test"),
                        synthetic_load=load)
     finally:
@@ -207,7 +207,7 @@ def test_a_killed_promotion_gives_the_traffic_back_to_stable(
     docker_client: docker.DockerClient, tmp_path: Path,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
-    router = Router(traffic.router_dir)
+    router = HaproxyRouter(traffic.router_dir)
     failures_before = _stable_failures(router, app_name)
     load = Load(_front(app_name))
     child, _ = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path)
@@ -247,7 +247,7 @@ def test_a_stalled_promotion_that_comes_back_stops_without_touching_the_weights(
     tmp_path: Path,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
-    router = Router(traffic.router_dir)
+    router = HaproxyRouter(traffic.router_dir)
     load = Load(_front(app_name))
     child, events = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path)
     try:
@@ -283,7 +283,7 @@ def test_a_cancelled_promotion_rolls_back_before_it_ends(
 ) -> None:
     # A process worker cancels a run with SIGTERM; the flow engine raises TerminationSignal.
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
-    router = Router(traffic.router_dir)
+    router = HaproxyRouter(traffic.router_dir)
     load = Load(_front(app_name))
     child, events = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path, in_flow=True)
     try:
@@ -311,7 +311,7 @@ def test_a_watcher_killed_with_the_run_finishes_the_job_when_restarted(
     docker_engine: DockerEngine, tmp_path: Path,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
-    router = Router(traffic.router_dir)
+    router = HaproxyRouter(traffic.router_dir)
     state = traffic.router_dir.parent
     child, _ = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path)
     try:
@@ -349,7 +349,7 @@ def test_an_exception_in_the_analysis_rolls_back_before_it_propagates(
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
     events = Events()
-    router = Router(traffic.router_dir)
+    router = HaproxyRouter(traffic.router_dir)
     with pytest.raises(ValueError, match="unexpected label set"):
         _rollout(v2, app_name, deploy_creds, traffic, events, provider=BrokenProvider())
     # By the time the exception arrived here, all of this was already true.
@@ -373,7 +373,7 @@ def test_prometheus_unreachable_never_promotes(
     finally:
         unreachable.close()
     assert "canary.promoted" not in events.names()
-    assert _weights(Router(traffic.router_dir), app_name) == (100, 0)
+    assert _weights(HaproxyRouter(traffic.router_dir), app_name) == (100, 0)
     assert not _containers_of(docker_client, app_name, v2.image.digest)
     live = _listed(docker_client, filters={"label": f"{LABEL_APP}={app_name}"})
     assert [c.labels[LABEL_DIGEST] for c in live] == [stable.image.digest]
@@ -384,7 +384,7 @@ def test_a_failed_verdict_puts_stable_back_within_a_second(
     deploy_creds: DeployCredentials, traffic: Traffic,
 ) -> None:
     bad = _build(app_repo, app_name, build_creds, "bad", FAIL_PERMILLE="200")
-    router = Router(traffic.router_dir)
+    router = HaproxyRouter(traffic.router_dir)
     failures_before = _stable_failures(router, app_name)
     events = Events()
     with pytest.raises(CanaryFailed):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.haproxy import Router, ServerRole
+from infra.haproxy import Router
 from infra.latency_exporter import LatencyExporter, start_latency_exporter
 from infra.prometheus import PrometheusServer, free_tcp_port, start_prometheus
 from portcullis.canary.analysis import (
@@ -42,6 +42,7 @@ from portcullis.canary.analysis import (
 from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, PrometheusProvider, measure
 from portcullis.errors import ConfigurationError
+from portcullis.router_haproxy import ServerRole
 
 pytestmark = [
     pytest.mark.slow,
@@ -246,7 +247,7 @@ def test_weights_move_live_without_failed_requests(stack: Stack) -> None:
     """Weights and addresses change under load, even across a reload, and nothing fails."""
     stack.stable.behave()
     stack.canary.behave()
-    stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
+    stack.router.point_canary(APP, ENV, stack.canary.port)
     started = _now()
     load = Load(stack.url, seconds=7)
     time.sleep(1)
@@ -287,7 +288,7 @@ def test_weights_move_live_without_failed_requests(stack: Stack) -> None:
 
 def test_retired_canary_gets_no_traffic_and_cannot_be_weighted(stack: Stack) -> None:
     """After disable_canary the server is in maintenance and weights cannot move to it."""
-    stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
+    stack.router.point_canary(APP, ENV, stack.canary.port)
     stack.router.set_canary_weight(APP, ENV, 50)
     route = stack.router.disable_canary(APP, ENV)
     assert route.canary_port is None and route.canary_weight == 0
@@ -296,7 +297,7 @@ def test_retired_canary_gets_no_traffic_and_cannot_be_weighted(stack: Stack) -> 
     with pytest.raises(ConfigurationError, match="no canary server is set"):
         stack.router.set_canary_weight(APP, ENV, 20)
     # Pointing it at a port again brings it back (health checks decide when it is up).
-    stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
+    stack.router.point_canary(APP, ENV, stack.canary.port)
     deadline = time.monotonic() + 5
     while not stack.router.server_state(APP, ENV, ServerRole.CANARY).up:
         assert time.monotonic() < deadline, "the canary never came back up"
@@ -317,7 +318,7 @@ def test_healthy_canary_is_successful(stack: Stack) -> None:
     """Given a canary as good as stable, every step passes and the verdict is Successful."""
     stack.stable.behave(error_permille=0)
     stack.canary.behave(error_permille=0)
-    stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
+    stack.router.point_canary(APP, ENV, stack.canary.port)
     policy = CanaryPolicy(
         steps=(CanaryStep(weight=30, window_seconds=3), CanaryStep(weight=50, window_seconds=3)),
         limits=_TEST_LIMITS,
@@ -336,7 +337,7 @@ def test_canary_with_20_percent_errors_fails(stack: Stack) -> None:
     """Given a canary that answers 20% errors, the first step fails the analysis."""
     stack.stable.behave(error_permille=0)
     stack.canary.behave(error_permille=200)
-    stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
+    stack.router.point_canary(APP, ENV, stack.canary.port)
     policy = CanaryPolicy(
         steps=(CanaryStep(weight=30, window_seconds=3), CanaryStep(weight=50, window_seconds=3)),
         limits=_TEST_LIMITS,
@@ -365,7 +366,7 @@ def test_slow_canary_fails_on_latency(stack: Stack) -> None:
     """Given a canary 300 ms slower than stable, both latency checks fail it."""
     stack.stable.behave(delay_ms=0)
     stack.canary.behave(delay_ms=300)
-    stack.router.point_server(APP, ENV, ServerRole.CANARY, stack.canary.port)
+    stack.router.point_canary(APP, ENV, stack.canary.port)
     policy = CanaryPolicy(
         steps=(CanaryStep(weight=50, window_seconds=6),),
         limits=_TEST_LIMITS.model_copy(

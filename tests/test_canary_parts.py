@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.haproxy import Route, RouterSettings, RuntimeApi, render_config
-from infra.latency_exporter import BUCKETS, LOG_FORMAT, LatencyRecorder, start_latency_exporter
+from infra.latency_exporter import BUCKETS, LatencyRecorder, start_latency_exporter
 from infra.prometheus import free_tcp_port
 from infra.prometheus import render_config as render_prometheus_config
 from portcullis.canary.analysis import LatencyHistogram, Sample, ServerWindow, Window
@@ -32,6 +31,7 @@ from portcullis.canary.metrics import (
     measure,
 )
 from portcullis.errors import ConfigurationError, PolicyRefusal, TransientError
+from portcullis.router_haproxy import LOG_FORMAT, Route, RouterSettings, RuntimeApi, render_config
 from portcullis.toolrun import run_tool
 
 WINDOW = Window(start=datetime(2030, 1, 1, tzinfo=UTC), end=datetime(2030, 1, 1, 0, 1, tzinfo=UTC))

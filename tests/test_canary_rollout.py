@@ -27,7 +27,6 @@ from prefect.flow_engine import run_flow
 from prefect.runtime import flow_run as runtime_run
 
 from blocks.credentials import BuildCredentials, DeployCredentials
-from infra.haproxy import Router
 from infra.prometheus import free_tcp_port
 from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
 from portcullis.approval import ApproverDirectory, Requester, RequesterProof
@@ -37,6 +36,7 @@ from portcullis.canary.loadgen import run_load
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.environments import port_plan
 from portcullis.models import BuildResult
+from portcullis.router_haproxy import HaproxyRouter
 from tasks.approval import (
     canary_decision_policy,
     decide_inconclusive_canary,
@@ -102,7 +102,7 @@ def _rollout(build: BuildResult, app: str, creds: DeployCredentials, traffic: Tr
     provider = PrometheusProvider(traffic.prometheus_url)
     try:
         return rollout(build.image, app, "dev", build.source.commit, creds, policy=policy,
-                       router=Router(traffic.router_dir), provider=provider, record=events,
+                       router=HaproxyRouter(traffic.router_dir), provider=provider, record=events,
                        on_inconclusive=on_inconclusive, synthetic_load=load)
     finally:
         provider.close()
@@ -298,7 +298,7 @@ def test_an_inconclusive_canary_waits_without_its_process_and_a_person_promotes_
         try:
             _, report = rollout_with_person(
                 v2.image, app_name, "dev", v2.source.commit, deploy_creds, policy=POLICY,
-                router=Router(traffic.router_dir), provider=provider, audit=audit, record=events,
+                router=HaproxyRouter(traffic.router_dir), provider=provider, audit=audit, record=events,
                 ask=ask, durable=waits_durably())
         finally:
             provider.close()

@@ -25,8 +25,9 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 
-from flows.promote import PromotionResult, promote
+from flows.promote import promote
 from portcullis.errors import PolicyRefusal
+from portcullis.results import PromotionResult
 from portcullis.settings import Settings
 from portcullis.state import open_state
 from tasks.gates import ensure_environment_lock, lock_name

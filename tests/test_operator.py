@@ -24,9 +24,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from flows.catalog import promote_catalog
-from flows.promote import PromotionResult, promote
+from flows.promote import promote
 from portcullis.__main__ import main
 from portcullis.board import BOARD_ARTIFACT_KEY
+from portcullis.results import PromotionResult
 from tasks.board import current_board
 from tests.conftest import EXAMPLE_APP, AppRepo, PipelineEnv
 from tests.test_gated_promotions import SECRETS, code, gated

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.promote import PromotionResult, promote
+from flows.promote import promote
 from portcullis.audit import AuditEntry
 from portcullis.errors import PolicyRefusal
+from portcullis.results import PromotionResult
 from portcullis.settings import Settings
 from portcullis.state import open_state
 from tests.conftest import REPO_ROOT, AppRepo, PipelineEnv

@@ -16,10 +16,10 @@ from typing import Any
 from prefect import flow
 
 from blocks.credentials import DeployCredentials
-from infra.haproxy import Router
 from portcullis.canary.analysis import CanaryPolicy
 from portcullis.canary.metrics import PrometheusProvider
 from portcullis.models import ImageRef
+from portcullis.router_haproxy import HaproxyRouter
 from tasks.canary import rollout
 
 
@@ -38,7 +38,7 @@ def main(spec_path: str) -> int:
         rollout(
             ImageRef.parse(spec["image"]), spec["app"], spec["environment"], spec["commit"],
             DeployCredentials.resolve(None), policy=CanaryPolicy.model_validate(spec["policy"]),
-            router=Router(Path(spec["router_dir"])), provider=provider, record=record,
+            router=HaproxyRouter(Path(spec["router_dir"])), provider=provider, record=record,
             on_inconclusive=lambda _verdict: ("rollback", "test"),
         )
 

@@ -390,3 +390,16 @@ def test_unreachable_log_is_transient() -> None:
 def test_malformed_trust_config_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="trust config"):
         KeylessSigner('{"mediaType": "nope"}', identity_token="x")
+
+
+def test_sigstore_errors_it_does_not_export_are_found_without_importing_its_internals() -> None:
+    """The CA/log error types are looked up, not imported: a sigstore upgrade that moves them
+    leaves errors classified by URL instead of breaking the import of the signing module."""
+    from portcullis.signing import keyless
+
+    assert keyless.FulcioClientError.__module__.startswith("sigstore.")
+    assert keyless.RekorClientError.__module__.startswith("sigstore.")
+    assert keyless.ExpiredCertificate.__module__.startswith("sigstore.")
+    moved = keyless._sigstore_error("sigstore._internal.moved_away", "FulcioClientError")
+    assert moved is keyless._NotRaised
+    assert keyless._sigstore_error("sigstore.errors", "no_such_error") is keyless._NotRaised

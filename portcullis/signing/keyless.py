@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -37,11 +38,6 @@ from cryptography.x509 import (
 )
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sigstore import dsse
-
-# sigstore-python exposes no public error types for a refused CA or log request; these two
-# are what its clients raise (sigstore is pinned, so the import is stable).
-from sigstore._internal.fulcio.client import ExpiredCertificate, FulcioClientError
-from sigstore._internal.rekor import RekorClientError
 from sigstore.errors import CertValidationError, VerificationError
 from sigstore.errors import Error as SigstoreError
 from sigstore.models import Bundle, ClientTrustConfig, TrustedRoot
@@ -57,6 +53,29 @@ from portcullis.errors import (
     VerificationFailed,
 )
 from portcullis.models import Digest, Frozen, ImageRef
+
+
+class _NotRaised(Exception):
+    """Stands for a sigstore exception type this version of sigstore does not have."""
+
+
+def _sigstore_error(module: str, name: str) -> type[Exception]:
+    """A sigstore exception type that sigstore raises but does not export publicly.
+
+    Looked up at import rather than imported from ``sigstore._internal``: if an upgrade moves
+    it, errors are still classified by the URL they came from (see :func:`_service_error`)
+    instead of this module failing to import.
+    """
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return _NotRaised
+    return found if isinstance(found, type) and issubclass(found, Exception) else _NotRaised
+
+
+ExpiredCertificate = _sigstore_error("sigstore._internal.fulcio.client", "ExpiredCertificate")
+FulcioClientError = _sigstore_error("sigstore._internal.fulcio.client", "FulcioClientError")
+RekorClientError = _sigstore_error("sigstore._internal.rekor", "RekorClientError")
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 """Media type of the bundles produced here (what an OCI referrer's artifactType names)."""

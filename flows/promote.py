@@ -324,14 +324,14 @@ def deploy_side(
             # Pull-based: the controller in the cluster applies what this commit pins.
             gitops = commit_promotion(app, environment, image, provenance["commit"],
                                       flow_run.get_flow_run_ui_url() or str(flow_run.get_id()),
-                                      list(approved_by), canary=policy.canary)
+                                      approved_by, canary=policy.canary)
         elif target.router is None:
             deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
-                                approved_by=",".join(approved_by))
+                                approved_by=approved_by)
         else:
             deployment, canary_report = _canary(
                 image, app, environment, provenance["commit"], deploy_creds, policy, settings,
-                audit, ",".join(approved_by), subject, target.router)
+                audit, approved_by, subject, target.router)
         # Signs the promotion record the next environment trusts, then records COMPLETED.
         complete_promotion(audit, image, policy, checks, approved_by, commit=provenance["commit"],
                            requested_by=requester.name, deployment=deployment, gitops=gitops,
@@ -363,7 +363,7 @@ def _lock_window(policy: EnvironmentPolicy) -> float:
 
 def _canary(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials,
-    policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, approved_by: str,
+    policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, approved_by: tuple[str, ...],
     subject: Callable[[], ApprovalSubject], router: TrafficRouter,
 ) -> tuple[Deployment, CanaryReport | None]:
     """Roll out behind the router with canary analysis; a person decides an Inconclusive."""

@@ -122,7 +122,7 @@ def rollout(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
     policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, record: Record,
     on_inconclusive: Callable[[Verdict], tuple[Literal["promote", "rollback"], str]],
-    approved_by: str = "", synthetic_load: bool = False, health_timeout: float = 60.0,
+    approved_by: tuple[str, ...] = (), synthetic_load: bool = False, health_timeout: float = 60.0,
 ) -> tuple[Deployment, CanaryReport | None]:
     """Deploy ``image`` behind the router, as a canary when a version already serves.
 
@@ -212,7 +212,7 @@ Decide = Callable[[str], tuple[Literal["promote", "rollback"], str]]
 def rollout_with_person(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
     policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, audit: RunAudit,
-    record: Record, ask: Decide, durable: bool, approved_by: str = "",
+    record: Record, ask: Decide, durable: bool, approved_by: tuple[str, ...] = (),
     synthetic_load: bool = False,
 ) -> tuple[Deployment, CanaryReport | None]:
     """:func:`rollout`, with a person deciding an Inconclusive canary through ``ask``.
@@ -414,7 +414,8 @@ def _deployment(image: ImageRef, app: str, environment: str, container: object, 
 
 def switch_to(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
-    router: TrafficRouter | None, record: Record, approved_by: str = "", health_timeout: float = 60.0,
+    router: TrafficRouter | None, record: Record, approved_by: tuple[str, ...] = (),
+    health_timeout: float = 60.0,
 ) -> Deployment:
     """Replace the serving version with ``image`` at once (no canary): the rollback path.
 

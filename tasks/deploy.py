@@ -115,7 +115,7 @@ def start_candidate(
     *,
     commit: str,
     previous_digest: str | None,
-    approved_by: str = "",
+    approved_by: tuple[str, ...] = (),
     health_timeout: float = 60.0,
 ) -> Container:
     """Start ``image`` in ``slot`` and wait until it is healthy.
@@ -140,7 +140,7 @@ def start_candidate(
         LABEL_PREVIOUS: previous_digest or "",
         LABEL_FLOW_RUN: str(flow_run.get_id() or ""),
         LABEL_DEPLOYED_AT: datetime.now(UTC).isoformat(),
-        LABEL_APPROVED_BY: approved_by,
+        LABEL_APPROVED_BY: ",".join(approved_by),
         LABEL_REVISION: commit,
     }
     container = client.containers.create(
@@ -169,7 +169,7 @@ def start_candidate(
 
 def start_in_free_slot(
     client: docker.DockerClient, image: ImageRef, app: str, environment: str, commit: str,
-    creds: DeployCredentials, approved_by: str, health_timeout: float,
+    creds: DeployCredentials, approved_by: tuple[str, ...], health_timeout: float,
 ) -> tuple[Live | None, Container, int]:
     """Pull exactly the digest and start it, healthy, in the slot the serving version is not in.
 
@@ -201,7 +201,7 @@ def deploy_image(
     commit: str,
     credentials: DeployCredentials,
     *,
-    approved_by: str = "",
+    approved_by: tuple[str, ...] = (),
     health_timeout: float = 60.0,
 ) -> Deployment:
     """Replace the running version of ``app`` in ``environment`` with ``image``.
@@ -248,7 +248,7 @@ def deploy(
     environment: str,
     commit: str,
     credentials_block: str | None = None,
-    approved_by: str = "",
+    approved_by: tuple[str, ...] = (),
 ) -> Deployment:
     """Prefect task: deploy by digest; loads the deploy credentials only.
 

@@ -7,6 +7,7 @@ branch kept moving) are retried; a missing overlay or a conflicting change never
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from prefect import get_run_logger, task
@@ -26,7 +27,7 @@ def commit_promotion(
     image: ImageRef,
     source_commit: str,
     flow_run_url: str,
-    approved_by: list[str],
+    approved_by: Sequence[str],
     gitops_block: str | None = None,
     image_name: str | None = None,
     canary: CanaryPolicy | None = None,

@@ -20,6 +20,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import docker
 import pyotp
 import pytest
 from prefect.client.orchestration import get_client
@@ -30,6 +31,7 @@ from portcullis.errors import PolicyRefusal
 from portcullis.results import PromotionResult
 from portcullis.settings import Settings
 from portcullis.state import open_state
+from tasks.deploy import LABEL_APPROVED_BY
 from tasks.gates import ensure_environment_lock, lock_name
 from tests.conftest import AppRepo, PipelineEnv, without_canary
 from tests.support.approval_driver import Resumer
@@ -94,7 +96,7 @@ def _run(name: str, **params: Any) -> PromotionResult:
 
 def test_dev_to_staging_to_prod_with_two_verified_approvals(
     prefect_harness: None, gated: Path, pipeline_env: PipelineEnv, app_repo: AppRepo,
-    app_name: str,
+    app_name: str, docker_client: docker.DockerClient,
 ) -> None:
     # Ada wrote the commit (the app_repo author is "Ada Author <ada@example.com>").
     dev = _run(f"{app_name}-dev", app=app_name, environment="dev", source_repo=str(app_repo.path),
@@ -109,6 +111,9 @@ def test_dev_to_staging_to_prod_with_two_verified_approvals(
     assert staging_resumer.error is None, staging_resumer.error
     assert staging.approved_by == ("carol",)
     assert staging.built is None  # staging never rebuilds
+    assert staging.deployment is not None  # the container says who let it in
+    labels = docker_client.containers.get(staging.deployment.container_id).labels
+    assert labels[LABEL_APPROVED_BY] == "carol"
 
     forged = "000000" if pyotp.TOTP(SECRETS["alice"]).now() != "000000" else "111111"
     prod_resumer = Resumer(f"{app_name}-prod")

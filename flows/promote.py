@@ -46,7 +46,7 @@ from portcullis.settings import Settings
 from portcullis.state import replay_store_for
 from portcullis.summary import skipped_markdown, summary_markdown
 from portcullis.targets import TrafficRouter, deploy_target
-from portcullis.verification import provenance_facts
+from portcullis.verification import VerifiedProvenance, verified_provenance
 from tasks.approval import (
     canary_decision_policy,
     decide_inconclusive_canary,
@@ -180,7 +180,7 @@ def establish_requester(
     return requester
 
 
-def _what_changed(app: str, environment: str, image: ImageRef, provenance: dict[str, str],
+def _what_changed(app: str, environment: str, image: ImageRef, provenance: VerifiedProvenance,
                   settings: Settings, audit: RunAudit, creds: DeployCredentials,
                   *, required: bool) -> WhatChanged:
     """What this promotion changes against the version running in the environment: the
@@ -196,8 +196,8 @@ def _what_changed(app: str, environment: str, image: ImageRef, provenance: dict[
                      if running is not None and running.digest else None)
     what = compare_with_running(image, running_image, creds)
     try:
-        repo = local_repository(provenance["repository"], settings.home / "sources")
-        change = change_between(repo, provenance["commit"], running.commit if running else None)
+        repo = local_repository(provenance.repository, settings.home / "sources")
+        change = change_between(repo, provenance.commit, running.commit if running else None)
     except PolicyRefusal as exc:
         if required:
             raise
@@ -278,8 +278,8 @@ def deploy_side(
                      frozen=status.frozen, summary=status.summary())
 
     checks = verify_and_record(image, policy, audit, deploy_block, "before-approval", once=True)
-    provenance = provenance_facts(checks)
-    audit.commit = provenance["commit"]
+    provenance = verified_provenance(checks)
+    audit.commit = provenance.commit
 
     # Listed before anyone is asked and before traffic moves: it is compared with what runs now.
     what = _what_changed(app, environment, image, provenance, settings, audit, deploy_creds,
@@ -295,7 +295,7 @@ def deploy_side(
                                     f"decide on it: {what.change_problem}")
             subject_cache.append(subject_for_current_run(
                 app=app, environment=environment, digest=image.digest,
-                commit=provenance["commit"], author=provenance["author"], requester=requester,
+                commit=provenance.commit, author=provenance.author, requester=requester,
                 change_authors=what.change.authors,
             ))
         return subject_cache[0]
@@ -322,24 +322,24 @@ def deploy_side(
         target = deploy_target(policy, settings)
         if target.kind == "gitops":
             # Pull-based: the controller in the cluster applies what this commit pins.
-            gitops = commit_promotion(app, environment, image, provenance["commit"],
+            gitops = commit_promotion(app, environment, image, provenance.commit,
                                       flow_run.get_flow_run_ui_url() or str(flow_run.get_id()),
                                       approved_by, canary=policy.canary)
         elif target.router is None:
-            deployment = deploy(image, app, environment, provenance["commit"], deploy_block,
+            deployment = deploy(image, app, environment, provenance.commit, deploy_block,
                                 approved_by=approved_by)
         else:
             deployment, canary_report = _canary(
-                image, app, environment, provenance["commit"], deploy_creds, policy, settings,
+                image, app, environment, provenance.commit, deploy_creds, policy, settings,
                 audit, approved_by, subject, target.router)
         # Signs the promotion record the next environment trusts, then records COMPLETED.
-        complete_promotion(audit, image, policy, checks, approved_by, commit=provenance["commit"],
+        complete_promotion(audit, image, policy, checks, approved_by, commit=provenance.commit,
                            requested_by=requester.name, deployment=deployment, gitops=gitops,
                            canary=canary_report, ticket=emergency.ticket if emergency else None,
                            credentials_block=deploy_block)
 
     result = PromotionResult(
-        app=app, environment=environment, image=image, commit=provenance["commit"],
+        app=app, environment=environment, image=image, commit=provenance.commit,
         built=built, verification=tuple(checks), approved_by=approved_by,
         deployment=deployment, gitops=gitops, canary=canary_report,
         policy_sha256=policy.policy_sha256, reused=reused, change=what,

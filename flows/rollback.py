@@ -23,7 +23,7 @@ from portcullis.pins import Pin
 from portcullis.settings import Settings
 from portcullis.state import open_state
 from portcullis.targets import deploy_target
-from portcullis.verification import provenance_facts
+from portcullis.verification import verified_provenance
 from tasks.board import publish_board
 from tasks.canary import switch_to
 from tasks.deploy import LABEL_PREVIOUS, LABEL_REVISION, find_live
@@ -77,7 +77,7 @@ def rollback(
         audit.digest = image.digest
         with environment_lock(environment, audit):
             checks = verify_and_record(image, policy, audit, deploy_credentials_block, "rollback")
-            commit = provenance_facts(checks)["commit"]
+            commit = verified_provenance(checks).commit
             audit.commit = commit
             router = target.router
             deployment = switch_to(

@@ -25,7 +25,7 @@ from portcullis.freeze import FreezeStatus
 from portcullis.models import Frozen, ImageRef
 from portcullis.pins import Pin
 from portcullis.policy import EnvironmentPolicy
-from portcullis.verification import Check, CheckResult
+from portcullis.verification import Check, CheckResult, verified_provenance
 
 
 class Outcome(enum.StrEnum):
@@ -127,11 +127,12 @@ def _label(approver: Approver) -> str:
 
 
 def approval_gate(policy: EnvironmentPolicy, directory: ApproverDirectory | None,
-                  provenance: dict[str, str] | None, change_authors: Sequence[str] | None,
+                  author: str | None, change_authors: Sequence[str] | None,
                   requester: str | None) -> Gate:
     """Who may and may not approve, and whether the rule can be met by those who may.
 
-    ``provenance`` (verified) names the author; ``change_authors`` every author of the change;
+    ``author`` (from the verified provenance) wrote the commit; ``change_authors`` every author
+    of the change;
     either None means it is unknown, and then nobody can be shown eligible.
     """
     rule = policy.approval
@@ -142,13 +143,13 @@ def approval_gate(policy: EnvironmentPolicy, directory: ApproverDirectory | None
     timing = f"wait timer {rule.wait_timer}, timeout {rule.timeout}"
     if directory is None:
         return Gate(name="approval", outcome=Outcome.REFUSE, reason=f"needs {need}; no approver directory is configured")
-    if provenance is None or change_authors is None:
+    if author is None or change_authors is None:
         return Gate(name="approval", outcome=Outcome.REFUSE,
                     reason=f"needs {need}; who wrote the change is unknown (provenance did not verify "
                            "or the source could not be read), so nobody can be shown eligible")
     may, may_not = [], []
     for approver in directory.approvers:
-        why = exclusion(approver, rule, author=provenance.get("author", ""),
+        why = exclusion(approver, rule, author=author,
                         change_authors=change_authors, requester=requester)
         if why is None:
             may.append(approver)
@@ -210,16 +211,17 @@ def evaluate_plan(
             gates.append(Gate(name=check.name, outcome=Outcome.REFUSE, reason=str(exc)))
     gates.append(_chain(chain, image, policy))
     gates.append(_freeze(freeze(at)))
-    provenance = results["provenance"].facts if "provenance" in results else None
+    provenance = verified_provenance([results["provenance"]]) if "provenance" in results else None
     change_authors: tuple[str, ...] | None = None
     if provenance is not None:
         try:
             running = newest_passed(log, app, policy.environment)
-            repo = local_repository(provenance["repository"], sources)
-            change_authors = change_between(repo, provenance["commit"], running.commit if running else None).authors
+            repo = local_repository(provenance.repository, sources)
+            change_authors = change_between(repo, provenance.commit, running.commit if running else None).authors
         except PortcullisError as exc:
             gates.append(Gate(name="change", outcome=Outcome.REFUSE, reason=str(exc)))
-    gates.append(approval_gate(policy, directory, provenance, change_authors, requester))
+    gates.append(approval_gate(policy, directory, provenance.author if provenance else None,
+                               change_authors, requester))
     gates.append(_canary(policy, log, app))
     if pin is not None:
         gates.append(Gate(name="pin", outcome=Outcome.INFO,

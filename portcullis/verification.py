@@ -29,8 +29,18 @@ class CheckResult(Frozen):
     attestation: str = Field(default="", description="digest of the signed attestation, if any")
 
 
-def provenance_facts(checks: Sequence[CheckResult]) -> dict[str, str]:
-    """What the verified provenance established (``commit``, ``author``, ``repository``...).
+class VerifiedProvenance(Frozen):
+    """What the verified SLSA provenance established about the digest's source."""
+
+    repository: str
+    ref: str
+    commit: str
+    author: str = ""
+    signer: str = ""
+
+
+def verified_provenance(checks: Sequence[CheckResult]) -> VerifiedProvenance:
+    """The source the verified provenance among ``checks`` names.
 
     Raises:
         VerificationFailed: no provenance check among ``checks``.
@@ -38,7 +48,7 @@ def provenance_facts(checks: Sequence[CheckResult]) -> dict[str, str]:
     found = next((c.facts for c in checks if c.check == "provenance"), None)
     if found is None:
         raise VerificationFailed("provenance", "the digest", "no verified provenance among the checks")
-    return found
+    return VerifiedProvenance.model_validate(found)
 
 
 class Check(Protocol):

@@ -38,13 +38,12 @@ def test_exclusions_follow_the_ledgers_rules_in_order() -> None:
 
 
 def test_a_rule_that_only_the_author_could_meet_refuses() -> None:
-    provenance = {"author": AUTHOR, "commit": "a" * 40}
-    gate = approval_gate(prod_policy(), DIRECTORY, provenance, (AUTHOR,), "trent")
+    gate = approval_gate(prod_policy(), DIRECTORY, AUTHOR, (AUTHOR,), "trent")
     # alice is the only security approver and wrote the commit: nobody can cover security.
     assert gate.outcome is Outcome.REFUSE and gate.reason.startswith("cannot be met")
     assert "alice (wrote the promoted commit)" in gate.reason and "trent (requests this promotion)" in gate.reason
 
-    other = {"author": "Dana <dana@example.com>", "commit": "a" * 40}
+    other = "Dana <dana@example.com>"
     gate = approval_gate(prod_policy(), DIRECTORY, other, ("Dana <dana@example.com>",), "trent")
     assert gate.outcome is Outcome.PASS
     assert "may approve: alice [security], bob [platform], carol [platform]" in gate.reason

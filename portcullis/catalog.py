@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from portcullis.environments import port_block, port_plan
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import FreezePolicy, FreezeWindow
 from portcullis.models import Frozen
@@ -133,10 +134,20 @@ class Catalog(Frozen):
     @model_validator(mode="after")
     def _unique(self) -> Catalog:
         seen: set[str] = set()
+        blocks: dict[int, str] = {}
         for app in self.apps:
             if app.name in seen:
                 raise ValueError(f"app {app.name!r} is listed twice")
             seen.add(app.name)
+            # Ports come from a hash of the name: a clash would fail the second app's deploys
+            # with "address already in use" long after the catalog was accepted.
+            other = blocks.setdefault(port_block(app.name), app.name)
+            if other != app.name:
+                plan = port_plan(app.name, "dev")
+                raise ValueError(
+                    f"apps {other!r} and {app.name!r} would listen on the same ports (dev "
+                    f"{plan.front}-{plan.stats}, and the same block in every environment); "
+                    "rename one of them")
         return self
 
     @property

@@ -46,16 +46,26 @@ class PortPlan(Frozen):
         return self.blue if slot is Slot.BLUE else self.green
 
 
+PORT_BLOCKS = 2000
+"""How many blocks of 4 ports each environment's range holds."""
+
+
+def port_block(app: str) -> int:
+    """The block of ports ``app`` uses in every environment (a hash of its name): two apps
+    with the same block would listen on the same ports, so the catalog refuses that."""
+    return zlib.crc32(app.encode()) % PORT_BLOCKS
+
+
 def port_plan(app: str, environment: str) -> PortPlan:
     """Stable ports for ``app`` in ``environment``, derived from the names.
 
-    The app name is hashed into one of 2000 blocks of 4 ports, so apps get distinct ports
-    without a registry of assignments.
+    The app name is hashed into one of 2000 blocks of 4 ports (:func:`port_block`), so apps
+    get ports without a registry of assignments; the catalog refuses two apps in one block.
     """
     if environment not in ENVIRONMENTS:
         raise PolicyRefusal(
             f"unknown environment {environment!r}", hint=f"use one of {sorted(ENVIRONMENTS)}"
         )
-    base = ENVIRONMENTS[environment] + (zlib.crc32(app.encode()) % 2000) * 4
+    base = ENVIRONMENTS[environment] + port_block(app) * 4
     return PortPlan(app=app, environment=environment, front=base, blue=base + 1,
                     green=base + 2, stats=base + 3)

@@ -21,6 +21,7 @@ from infra.base_image import ensure_base_image
 from infra.docker_engine import DockerEngine, ensure_engine, stop_private_engine
 from infra.registry import RunningRegistry, start_registry, stop_registry
 from tasks.deploy import LABEL_APP
+from tests.support.names import unique_app_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_APP = REPO_ROOT / "examples" / "hello"
@@ -133,8 +134,9 @@ def app_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppRepo:
 
 @pytest.fixture()
 def app_name() -> str:
-    """A unique app name; the ``t-`` prefix marks what teardown removes."""
-    return f"t-{secrets.token_hex(3)}"
+    """A unique app name on ports no other app of the session uses; the ``t-`` prefix marks
+    what teardown removes."""
+    return unique_app_name()
 
 
 @pytest.fixture(scope="session")

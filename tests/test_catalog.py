@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from portcullis.catalog import ProbePaths, catalog_freeze, load_catalog, parse_catalog, probe_paths
+from portcullis.environments import port_block
 from portcullis.errors import ConfigurationError
 from portcullis.freeze import evaluate_freeze
 from portcullis.policy import load_policy
@@ -61,6 +62,16 @@ def test_duplicates_and_empty_catalogs_are_refused() -> None:
         parse_catalog("", Path("."))
     with pytest.raises(ConfigurationError, match="unknown top-level keys"):
         parse_catalog(GOOD + "\n[apps]\nx = 1\n", Path("."))
+
+
+def test_two_apps_that_would_share_ports_are_refused() -> None:
+    # Ports are a hash of the name; these two names land in the same block (found by search).
+    assert port_block("shop-50") == port_block("shop-92")
+    clash = GOOD.replace('"hello"', '"shop-50"') + GOOD.replace('"hello"', '"shop-92"')
+    with pytest.raises(ConfigurationError) as err:
+        parse_catalog(clash, Path("."))
+    assert "'shop-50' and 'shop-92' would listen on the same ports" in err.value.message
+    assert "rename one" in err.value.message
 
 
 def test_an_apps_freeze_windows_only_add_to_its_environments(tmp_path: Path) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -68,6 +67,7 @@ from tasks.deploy import LABEL_APP
 from tasks.gates import ensure_environment_lock, lock_name
 from tests.support.approval_driver import Resumer
 from tests.support.codes import Codes
+from tests.support.names import unique_app_name
 from tests.support.production import (
     FINAL,
     deploy_all,
@@ -176,7 +176,7 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
                               prefect_port=free_port(), worker_query_seconds=1,
                               scheduler_loop_seconds=2, deploy_hosts=(HOST_B,))
     home, policies, approvers = state / "home", state / "policies", state / "deploy" / "approvers.toml"
-    app, app_repo = f"t-{secrets.token_hex(3)}", state / "app"
+    app, app_repo = unique_app_name(), state / "app"
     _policies(policies)
     _approvers(approvers)
     init_app_repo(app_repo)

@@ -28,7 +28,10 @@ class Slot(str, Enum):
         return Slot.GREEN if self is Slot.BLUE else Slot.BLUE
 
 
-ENVIRONMENTS: dict[str, int] = {"dev": 20000, "staging": 30000, "prod": 40000}
+# Each environment's ports lie below Linux's ephemeral range (32768-60999 by default): a
+# client socket of any process may take a port in that range, and a version starting on it
+# would fail with "address already in use".
+ENVIRONMENTS: dict[str, int] = {"dev": 20000, "staging": 24000, "prod": 28000}
 
 
 class PortPlan(Frozen):
@@ -46,7 +49,7 @@ class PortPlan(Frozen):
         return self.blue if slot is Slot.BLUE else self.green
 
 
-PORT_BLOCKS = 2000
+PORT_BLOCKS = 1000
 """How many blocks of 4 ports each environment's range holds."""
 
 
@@ -59,7 +62,7 @@ def port_block(app: str) -> int:
 def port_plan(app: str, environment: str) -> PortPlan:
     """Stable ports for ``app`` in ``environment``, derived from the names.
 
-    The app name is hashed into one of 2000 blocks of 4 ports (:func:`port_block`), so apps
+    The app name is hashed into one of 1000 blocks of 4 ports (:func:`port_block`), so apps
     get ports without a registry of assignments; the catalog refuses two apps in one block.
     """
     if environment not in ENVIRONMENTS:

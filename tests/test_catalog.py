@@ -65,12 +65,15 @@ def test_duplicates_and_empty_catalogs_are_refused() -> None:
 
 
 def test_two_apps_that_would_share_ports_are_refused() -> None:
-    # Ports are a hash of the name; these two names land in the same block (found by search).
-    assert port_block("shop-50") == port_block("shop-92")
-    clash = GOOD.replace('"hello"', '"shop-50"') + GOOD.replace('"hello"', '"shop-92"')
+    # Ports are a hash of the name: find two names in the same block.
+    first: dict[int, str] = {}
+    name = next(f"shop-{i}" for i in range(10_000)
+                if first.setdefault(port_block(f"shop-{i}"), f"shop-{i}") != f"shop-{i}")
+    other = first[port_block(name)]
+    clash = GOOD.replace('"hello"', f'"{other}"') + GOOD.replace('"hello"', f'"{name}"')
     with pytest.raises(ConfigurationError) as err:
         parse_catalog(clash, Path("."))
-    assert "'shop-50' and 'shop-92' would listen on the same ports" in err.value.message
+    assert f"'{other}' and '{name}' would listen on the same ports" in err.value.message
     assert "rename one" in err.value.message
 
 

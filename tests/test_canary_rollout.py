@@ -207,19 +207,25 @@ def test_a_crashed_canary_is_caught_and_rolled_back(
     assert httpx.get(_front(app_name), timeout=5).status_code == 200
 
 
-def test_no_traffic_is_inconclusive_and_a_verified_person_decides(
-    prefect_harness: None, stable: BuildResult, app_repo: AppRepo, app_name: str,
-    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
-    tmp_path: Path,
-) -> None:
+def _on_call_approvers(tmp_path: Path) -> tuple[Path, str, str]:
+    """A 0600 approver file with olga and trent on call; returns it and their TOTP secrets.
+    trent asks for the promotions: on call or not, he may not decide their canary."""
     secret, trent_secret = pyotp.random_base32(), pyotp.random_base32()
     approvers = tmp_path / "deploy" / "approvers.toml"
     approvers.parent.mkdir(mode=0o700)
     approvers.write_text(
         f'[[approver]]\nname = "olga"\ngroups = ["on-call"]\ntotp_secret = "{secret}"\n'
-        # trent asked for this promotion: on call or not, he may not decide its canary.
         f'[[approver]]\nname = "trent"\ngroups = ["on-call"]\ntotp_secret = "{trent_secret}"\n')
     approvers.chmod(0o600)
+    return approvers, secret, trent_secret
+
+
+def test_no_traffic_is_inconclusive_and_a_verified_person_decides(
+    prefect_harness: None, stable: BuildResult, app_repo: AppRepo, app_name: str,
+    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
+    tmp_path: Path,
+) -> None:
+    approvers, secret, trent_secret = _on_call_approvers(tmp_path)
     v2 = _build(app_repo, app_name, build_creds, "quiet", MESSAGE='"quiet v2"')
     events = Events()
     audit = AuditLog(tmp_path / "audit.jsonl")
@@ -270,13 +276,7 @@ def test_an_inconclusive_canary_waits_without_its_process_and_a_person_promotes_
     """A deployment's run suspends for the decision: the canary is gone and stable serves while
     nobody holds a process; each answer brings the run back (as a worker would, by running the
     engine again), nothing is analysed twice, and "promote" switches to the new version."""
-    secret, trent_secret = pyotp.random_base32(), pyotp.random_base32()
-    approvers = tmp_path / "deploy" / "approvers.toml"
-    approvers.parent.mkdir(mode=0o700)
-    approvers.write_text(
-        f'[[approver]]\nname = "olga"\ngroups = ["on-call"]\ntotp_secret = "{secret}"\n'
-        f'[[approver]]\nname = "trent"\ngroups = ["on-call"]\ntotp_secret = "{trent_secret}"\n')
-    approvers.chmod(0o600)
+    approvers, secret, trent_secret = _on_call_approvers(tmp_path)
     v2 = _build(app_repo, app_name, build_creds, "quiet", MESSAGE='"durably quiet"')
     events = Events()
     log = AuditLog(tmp_path / "audit.jsonl")

@@ -228,6 +228,32 @@ def _run(env: str, index: int, which: str, trials: int, seed: int) -> Tally | No
     return judge.play(case, trials, np.random.default_rng(seed))
 
 
+def slow_burn_bounds(policy: Any, alpha: float, rng: np.random.Generator, *, per_window: int = 1500,
+                     windows: int = 3, p0: float = 0.001, p1: float = 0.003) -> tuple[float, float, int]:
+    """What no judge can beat on the slow burn with this policy's first ``windows`` steps.
+
+    Returns the power of (1) the most powerful test at level ``alpha`` that knows the
+    baseline's error rate exactly (Neyman-Pearson, randomised so that it spends all of
+    ``alpha`` on the last window and none earlier), and (2) the exact conditional test that,
+    like any real judge, learns the baseline's rate from the baseline's own requests at the
+    policy's weights, again spending all of ``alpha`` at the end; and how many windows the
+    policy's rollout has to find it in. A sequential judge that may also fail early is below both.
+    """
+    steps = policy.steps[:windows]
+    n = per_window * len(steps)
+    null, alt = stats.binom(n, p0), stats.binom(n, p1)
+    c = next(k for k in range(n + 1) if null.sf(k - 1) <= alpha)
+    gamma = (alpha - null.sf(c - 1)) / null.pmf(c - 1)
+    known = float(alt.sf(c - 1) + gamma * alt.pmf(c - 1))
+    draws = 200_000
+    canary = sum(rng.binomial(per_window, p1, draws) for _ in steps)
+    base_n = [round(per_window * (100 - s.weight) / s.weight) for s in steps]
+    baseline = sum(rng.binomial(b, p0, draws) for b in base_n)
+    share = n / (n + sum(base_n))
+    p_value = stats.binom.sf(canary - 1, canary + baseline, share)
+    return known, float((p_value <= alpha).mean()), len(steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -276,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{tally.rate(getattr(tally, figure)):<22} {old_text:<22} {passed}")
             report(f"canary {env}: {case.label} ({figure.replace('_', ' ')})",
                    tally.rate(getattr(tally, figure)), case.goal, old_text)
+        known, conditional, windows = slow_burn_bounds(
+            policy, policy.limits.false_failure_rate, np.random.default_rng(args.seed))
+        label = f"bound: slow burn, 1500/window, {windows} windows"
+        print(f"{label:<42} {'(no judge does better)':<24} {'failed':<16} "
+              f"{conditional:6.1%} learning the baseline, {known:.1%} knowing it exactly")
+        report(f"canary {env}: {label} (best possible failed)", f"{conditional:6.1%}",
+               "upper bound", f"{known:.1%} if the baseline rate were known exactly")
         print()
     print(f"({time.monotonic() - started:.0f}s wall, "
           f"{time.process_time() - cpu + usage.ru_utime + usage.ru_stime:.0f}s CPU in {args.workers} processes)")

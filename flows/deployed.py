@@ -28,7 +28,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from blocks.credentials import DeployCredentials
+from blocks.credentials import BuildCredentials, DeployCredentials
 from blocks.incidents import IncidentSystemBlock
 from flows.promote import (
     build_with_evidence,
@@ -111,7 +111,7 @@ def build_release(
     audit = RunAudit(open_audit_log(settings), str(flow_run.get_id()), app, environment)
     with refusals_recorded(audit):
         return build_with_evidence(app, source_repo, commit, ref, context_path, policy,
-                                   settings, audit, None, force_rebuild)
+                                   settings, audit, BuildCredentials.resolve(None), force_rebuild)
 
 
 def _build_on_build_pool(app: str, source_repo: str, commit: str, ref: str, context_path: str,
@@ -166,7 +166,8 @@ def promote_dev(
         requester = establish_requester(policy, requested_by, requester_code, audit)
         if _held_by_pin(app, "dev", settings, audit):
             return None
-        freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
+        creds = DeployCredentials.resolve(None)
+        freeze_gate("run-start", freeze_checker(policy, creds), audit)
         built = _build_on_build_pool(app, source_repo, commit, ref, context_path, force_rebuild)
         if isinstance(built, ReusedBuild):
             audit.record("build.reused", image=str(built.image), build_record=built.record_seq,
@@ -174,7 +175,7 @@ def promote_dev(
                          "built before on the same base")
         else:
             audit.record("build.received", image=str(built.build.image), scan=built.scan.summary)
-        return deploy_built(app, "dev", built, requester, None, settings, policy, audit)
+        return deploy_built(app, "dev", built, requester, creds, settings, policy, audit)
 
 
 def _promote_passed(app: str, environment: str, image: str | None, requested_by: str,
@@ -193,7 +194,8 @@ def _promote_passed(app: str, environment: str, image: str | None, requested_by:
             )
         if _held_by_pin(app, environment, settings, audit):
             return None
-        freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(None)), audit)
+        creds = DeployCredentials.resolve(None)
+        freeze_gate("run-start", freeze_checker(policy, creds), audit)
         if image is None:
             # A schedule fired: take the newest digest that passed the environment before.
             newest = newest_passed(audit.log, app, policy.promote_from or "")
@@ -211,8 +213,8 @@ def _promote_passed(app: str, environment: str, image: str | None, requested_by:
             image = str(newest.details.get("image") or "")
             if not image:
                 raise PolicyRefusal(f"the {policy.promote_from} record of {newest.digest} names no image")
-        target = promoted_image(policy, image, audit)
-        return deploy_side(app, environment, target, None, requester, None, settings, policy, audit)
+        target = promoted_image(policy, image, audit, creds)
+        return deploy_side(app, environment, target, None, requester, creds, settings, policy, audit)
 
 
 @flow(name="promote-staging", log_prints=True, persist_result=True)
@@ -303,7 +305,8 @@ def emergency_promote(
             return incident
 
         incident = check_ticket("run-start")
-        target = promoted_image(policy, image, audit)
+        creds = DeployCredentials.resolve(None)
+        target = promoted_image(policy, image, audit, creds)
         use = open_state(settings).tickets.claim(
             incident.number, str(flow_run.get_id()))
         audit.record("emergency.ticket-claimed", ticket=incident.number, runs=list(use.runs),
@@ -321,7 +324,7 @@ def emergency_promote(
             # The ticket may have been closed while the approval waited.
             check_ticket("before-traffic")
 
-        return deploy_side(app, "prod", target, None, requester, None, settings, policy, audit,
+        return deploy_side(app, "prod", target, None, requester, creds, settings, policy, audit,
                            emergency=emergency, before_traffic=recheck_before_traffic)
 
 

@@ -36,7 +36,7 @@ from portcullis.canary.metrics import PrometheusProvider
 from portcullis.catalog import catalog_freeze
 from portcullis.chain import running_in
 from portcullis.change import WhatChanged, change_between, local_repository
-from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError
+from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError, VerificationFailed
 from portcullis.gitops import GitOpsCommit
 from portcullis.incidents import Emergency
 from portcullis.models import Deployment, ImageRef, ReusedBuild
@@ -85,7 +85,7 @@ Environment = Literal["dev", "staging", "prod"]
 
 def reuse_or_force(
     app: str, source_repo: str, commit: str, ref: str, context_path: str, audit: RunAudit,
-    block: str | None, force_rebuild: bool,
+    creds: BuildCredentials, force_rebuild: bool,
 ) -> ReusedBuild | None:
     """The digest this commit already has on the current base (recorded as ``build.reused``),
     or None when it must be built; ``force_rebuild`` always builds, and says so."""
@@ -93,11 +93,10 @@ def reuse_or_force(
         audit.record("build.forced", reason="force_rebuild: built even if this commit and base "
                      "were built before (e.g. for a patched base image)")
         return None
-    reused = find_reusable_build(app, source_repo, commit, ref, context_path, audit.log,
-                                 BuildCredentials.resolve(block))
+    reused = find_reusable_build(app, source_repo, commit, ref, context_path, audit.log, creds)
     if reused is not None:
-        audit.digest, audit.commit = reused.image.digest, reused.commit
-        audit.record("build.reused", image=str(reused.image), base_image=reused.base_image,
+        audit.about(reused.image.digest, reused.commit).record(
+                     "build.reused", image=str(reused.image), base_image=reused.base_image,
                      build_record=reused.record_seq,
                      reason=f"commit {reused.commit[:12]} on base {reused.base_image} was built "
                      f"before as this digest (audit record {reused.record_seq}); the build is "
@@ -107,7 +106,7 @@ def reuse_or_force(
 
 def build_with_evidence(
     app: str, source_repo: str, commit: str, ref: str, context_path: str,
-    policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, block: str | None,
+    policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, creds: BuildCredentials,
     force_rebuild: bool = False,
 ) -> BuiltEvidence | ReusedBuild:
     """Build, then sign + provenance in parallel with SBOM -> scan; attest everything.
@@ -115,11 +114,11 @@ def build_with_evidence(
     A commit already built on the current base image is not built again: its digest comes
     back as a :class:`ReusedBuild` (unless ``force_rebuild``).
     """
-    reused = reuse_or_force(app, source_repo, commit, ref, context_path, audit, block, force_rebuild)
+    reused = reuse_or_force(app, source_repo, commit, ref, context_path, audit, creds, force_rebuild)
     if reused is not None:
         return reused
-    build = build_image(app, source_repo, commit, ref, context_path, block)
-    audit.digest, audit.commit = build.image.digest, build.source.commit
+    build = build_image(app, source_repo, commit, ref, context_path, creds)
+    audit = audit.about(build.image.digest, build.source.commit)
     audit.record("build.completed", image=str(build.image), ref=build.source.ref,
                  author=build.source.author, source=build.source.repo_url,
                  base_image=build.base_image, forced=force_rebuild)
@@ -129,14 +128,14 @@ def build_with_evidence(
     # write the same archive and SBOM at the same time.
     work = settings.scratch / f"{build.image.digest.removeprefix('sha256:')[:16]}-{audit.run_id[:8]}"
     sbom_path = work / "sbom.cdx.json"
-    signed = sign_image_and_provenance.submit(build, block, flow_run.get_flow_run_ui_url())
-    archive = export_image_archive.submit(build, work, block)
+    signed = sign_image_and_provenance.submit(build, creds, flow_run.get_flow_run_ui_url())
+    archive = export_image_archive.submit(build, work, creds)
     # Prefect resolves futures passed as arguments; its stubs only know plain values.
     sbom = generate_sbom_task.submit(build.image, archive, sbom_path, settings.trivy_cache)  # type: ignore[call-overload]
-    sbom_attested = attest_sbom.submit(build.image, sbom, block)
+    sbom_attested = attest_sbom.submit(build.image, sbom, creds)
     scanned = scan_task.submit(build.image, sbom_path, settings.trivy_cache, policy.scan,  # type: ignore[call-overload]
                                wait_for=[sbom])
-    scan_attested = attest_scan.submit(build.image, scanned, block)
+    scan_attested = attest_scan.submit(build.image, scanned, creds)
     signature, provenance = signed.result()
     audit.record("signature.created", signature=signature.location, provenance=provenance.location)
     outcome = scanned.result()
@@ -214,7 +213,7 @@ def _what_changed(app: str, environment: str, image: ImageRef, provenance: Verif
 
 def deploy_built(
     app: str, environment: str, built: BuiltEvidence | ReusedBuild, requester: Requester,
-    deploy_block: str | None, settings: Settings, policy: EnvironmentPolicy, audit: RunAudit,
+    creds: DeployCredentials, settings: Settings, policy: EnvironmentPolicy, audit: RunAudit,
 ) -> PromotionResult | None:
     """Deploy side after a build or a reuse. A digest that already runs in the environment
     (a reused build, or a forced rebuild that reproduced it) is verified again and not
@@ -225,12 +224,12 @@ def deploy_built(
         fresh, image, commit = built, built.build.image, built.build.source.commit
     else:
         reused, image, commit = built, built.image, built.commit
-    audit.digest, audit.commit = image.digest, commit
+    audit = audit.about(image.digest, commit)
     running = running_in(audit.log, app, environment)
     if running is None or running.digest != image.digest:
-        return deploy_side(app, environment, image, fresh, requester, deploy_block,
+        return deploy_side(app, environment, image, fresh, requester, creds,
                            settings, policy, audit, reused=reused)
-    checks = verify_and_record(image, policy, audit, deploy_block, "already-running")
+    checks = verify_and_record(image, policy, audit, creds, "already-running")
     how = "reused" if reused is not None else "rebuilt (forced) to the same digest"
     reason = (f"{image.digest} (commit {commit[:12]}, {how}) already runs in {environment} "
               f"(audit record {running.seq}); nothing new to deploy")
@@ -249,7 +248,7 @@ def deploy_side(
     image: ImageRef,
     built: BuiltEvidence | None,
     requester: Requester,
-    deploy_block: str | None,
+    deploy_creds: DeployCredentials,
     settings: Settings,
     policy: EnvironmentPolicy,
     audit: RunAudit,
@@ -260,13 +259,21 @@ def deploy_side(
 ) -> PromotionResult:
     """Everything after the build, on the deploy side: verify, freeze, approve, lock, deploy.
 
-    Loads only deploy credentials. With ``emergency`` the freeze windows are recorded as
+    Uses only the deploy side's credentials. With ``emergency`` the freeze windows are recorded as
     bypassed instead of enforced; every other gate runs. ``before_traffic`` is a last gate
     run under the lock right before anything changes (the emergency path re-reads its ticket).
     ``reused`` names the earlier build whose digest this is, for the summary.
     """
-    audit.digest = image.digest
-    deploy_creds = DeployCredentials.resolve(deploy_block)
+    checks = verify_and_record(image, policy, audit.about(image.digest), deploy_creds,
+                               "before-approval", once=True)
+    provenance = verified_provenance(checks)
+    if audit.commit is not None and audit.commit != provenance.commit:
+        raise VerificationFailed(
+            "provenance", image.digest,
+            f"its signed provenance names commit {provenance.commit}, but this run built or "
+            f"reused it as commit {audit.commit}")
+    # From here on every record names the digest and the commit its verified provenance gives.
+    audit = audit.about(image.digest, provenance.commit)
     frozen = freeze_checker(policy, deploy_creds)
 
     def freeze(stage: str) -> None:
@@ -277,9 +284,6 @@ def deploy_side(
         audit.record("freeze.bypassed", stage=stage, ticket=emergency.ticket,
                      frozen=status.frozen, summary=status.summary())
 
-    checks = verify_and_record(image, policy, audit, deploy_block, "before-approval", once=True)
-    provenance = verified_provenance(checks)
-    audit.commit = provenance.commit
 
     # Listed before anyone is asked and before traffic moves: it is compared with what runs now.
     what = _what_changed(app, environment, image, provenance, settings, audit, deploy_creds,
@@ -313,7 +317,7 @@ def deploy_side(
     with environment_lock(environment, audit, window_seconds=_lock_window(policy)):
         # Re-check after the lock: time passed while waiting for approvals and the slot.
         freeze("before-traffic")
-        checks = verify_and_record(image, policy, audit, deploy_block, "after-lock")
+        checks = verify_and_record(image, policy, audit, deploy_creds, "after-lock")
         if before_traffic is not None:
             before_traffic()
         canary_report: CanaryReport | None = None
@@ -326,7 +330,7 @@ def deploy_side(
                                       flow_run.get_flow_run_ui_url() or str(flow_run.get_id()),
                                       approved_by, canary=policy.canary)
         elif target.router is None:
-            deployment = deploy(image, app, environment, provenance.commit, deploy_block,
+            deployment = deploy(image, app, environment, provenance.commit, deploy_creds,
                                 approved_by=approved_by)
         else:
             deployment, canary_report = _canary(
@@ -336,7 +340,7 @@ def deploy_side(
         complete_promotion(audit, image, policy, checks, approved_by, commit=provenance.commit,
                            requested_by=requester.name, deployment=deployment, gitops=gitops,
                            canary=canary_report, ticket=emergency.ticket if emergency else None,
-                           credentials_block=deploy_block)
+                           credentials=deploy_creds)
 
     result = PromotionResult(
         app=app, environment=environment, image=image, commit=provenance.commit,
@@ -414,7 +418,8 @@ def refusals_recorded(audit: RunAudit) -> Iterator[None]:
     try:
         yield
     except PortcullisError as exc:
-        audit.record("promotion.refused", reason=str(exc), kind=type(exc).__name__)
+        audit.as_far_as_recorded().record("promotion.refused", reason=str(exc),
+                                          kind=type(exc).__name__)
         publish_board()
         raise
 
@@ -466,14 +471,18 @@ def promote(
                                         force_rebuild=force_rebuild)
     with refusals_recorded(audit):
         requester = establish_requester(policy, requested_by, requester_code, audit)
-        freeze_gate("run-start", freeze_checker(policy, DeployCredentials.resolve(deploy_credentials_block)), audit)
+        # Each side's credentials are resolved once here and passed to the stages as objects.
+        deploy_creds = DeployCredentials.resolve(deploy_credentials_block)
+        freeze_gate("run-start", freeze_checker(policy, deploy_creds), audit)
         if policy.promote_from is None:
             if image is not None:
                 raise PolicyRefusal(f"{environment} builds from source; it does not take an image")
             built = build_with_evidence(app, source_repo, commit, ref, context_path, policy,
-                                        settings, audit, build_credentials_block, force_rebuild)
-            return deploy_built(app, environment, built, requester, deploy_credentials_block,
+                                        settings, audit,
+                                        BuildCredentials.resolve(build_credentials_block),
+                                        force_rebuild)
+            return deploy_built(app, environment, built, requester, deploy_creds,
                                 settings, policy, audit)
-        target = promoted_image(policy, image, audit, deploy_credentials_block)
+        target = promoted_image(policy, image, audit, deploy_creds)
         return deploy_side(app, environment, target, None, requester,
-                           deploy_credentials_block, settings, policy, audit)
+                           deploy_creds, settings, policy, audit)

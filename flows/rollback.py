@@ -74,11 +74,11 @@ def rollback(
             )
         current = ImageRef.parse(str(live.container.attrs["Config"]["Image"]))
         image = current.model_copy(update={"digest": previous})
-        audit.digest = image.digest
+        audit = audit.about(image.digest)
         with environment_lock(environment, audit):
-            checks = verify_and_record(image, policy, audit, deploy_credentials_block, "rollback")
+            checks = verify_and_record(image, policy, audit, creds, "rollback")
             commit = verified_provenance(checks).commit
-            audit.commit = commit
+            audit = audit.about(image.digest, commit)
             router = target.router
             deployment = switch_to(
                 image, app, environment, commit, creds,
@@ -90,7 +90,7 @@ def rollback(
             complete_rollback(audit, image, policy, checks, commit=commit,
                               rolled_back_from=live.digest, reason=reason,
                               requested_by=requested_by, deployed_to=deployment.url,
-                              credentials_block=deploy_credentials_block)
+                              credentials=creds)
         open_state(settings).pins.pin(Pin(
             app=app, environment=environment, digest=image.digest, pinned_by=requested_by,
             reason=reason,
@@ -106,7 +106,7 @@ def _rollback_gitops(app: str, environment: str, reason: str, requested_by: str,
     # Pull-based: rolling back is a revert commit the controller applies.
     with environment_lock(environment, audit):
         commit = revert_promotion(environment, reason, flow_run.get_flow_run_ui_url())
-        audit.digest = commit.digest
+        audit = audit.about(commit.digest)
         audit.record("rollback.completed", gitops_commit=commit.sha, reason=reason)
     open_state(settings).pins.pin(Pin(
         app=app, environment=environment, digest=commit.digest, pinned_by=requested_by,
@@ -127,7 +127,6 @@ def clear_pin(app: str, environment: Environment, requested_by: str) -> str:
     settings, _, audit = start_run(app, environment, requested_by, clear_pin=True)
     with refusals_recorded(audit):
         pin = open_state(settings).pins.clear(app, environment)
-        audit.digest = pin.digest
-        audit.record("environment.unpinned", actor=requested_by, pinned_by=pin.pinned_by)
+        audit.about(pin.digest).record("environment.unpinned", actor=requested_by, pinned_by=pin.pinned_by)
         publish_board()
         return pin.digest

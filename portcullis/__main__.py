@@ -107,7 +107,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     from portcullis.settings import Settings
     from portcullis.state import open_state
     from tasks.gates import freeze_checker, open_audit_log
-    from tasks.promotion import verify_passed
+    from tasks.promotion import passed_record
     from tasks.supply_chain import verification_policy
 
     settings = Settings()
@@ -121,7 +121,7 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     with creds.registry_client() as client:
         plan = evaluate_plan(
             app=app, image=ImageRef.parse(image), policy=policy, log=open_audit_log(settings),
-            chain=lambda candidate, passed: verify_passed(candidate, passed, app),
+            chain=lambda candidate, passed: passed_record(candidate, passed, app, creds),
             checks=verification_policy(policy).checks, evidence=creds.evidence_verifier(client),
             freeze=freeze_checker(catalog_freeze(policy, app), creds), directory=directory,
             sources=settings.home / "sources", requester=requested_by,

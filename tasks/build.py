@@ -221,9 +221,9 @@ def build_image(
     commit: str,
     ref: str,
     context_path: str,
-    credentials_block: str | None = None,
+    credentials: BuildCredentials,
 ) -> BuildResult:
-    """Prefect task: build and push; loads the build credentials only.
+    """Prefect task: build and push with the build side's credentials.
 
     Args:
         app: application name.
@@ -231,11 +231,10 @@ def build_image(
         commit: commit-ish to build.
         ref: branch the commit must be on.
         context_path: Dockerfile directory within the repository.
-        credentials_block: saved :class:`BuildCredentials` name; None reads the environment.
+        credentials: the build side's credentials, resolved once by the flow.
 
     Returns:
         The digest-pinned :class:`BuildResult`.
     """
-    creds = BuildCredentials.resolve(credentials_block)
-    return build_and_push(app, source_repo, commit, ref, context_path, creds)
+    return build_and_push(app, source_repo, commit, ref, context_path, credentials)
 

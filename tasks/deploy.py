@@ -247,21 +247,20 @@ def deploy(
     app: str,
     environment: str,
     commit: str,
-    credentials_block: str | None = None,
+    credentials: DeployCredentials,
     approved_by: tuple[str, ...] = (),
 ) -> Deployment:
-    """Prefect task: deploy by digest; loads the deploy credentials only.
+    """Prefect task: deploy by digest with the deploy side's credentials.
 
     Args:
         image: digest-pinned image.
         app: application name.
         environment: target environment.
         commit: source commit of the image.
-        credentials_block: saved :class:`DeployCredentials` name; None reads the environment.
+        credentials: the deploy side's credentials, resolved once by the flow.
         approved_by: approvers to record on the container.
 
     Returns:
         The resulting :class:`Deployment`.
     """
-    creds = DeployCredentials.resolve(credentials_block)
-    return deploy_image(image, app, environment, commit, creds, approved_by=approved_by)
+    return deploy_image(image, app, environment, commit, credentials, approved_by=approved_by)

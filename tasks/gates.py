@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
@@ -59,9 +59,14 @@ def open_audit_log(settings: Settings) -> AuditTrail:
     return open_state(settings).audit_log(mirrors=mirrors)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunAudit:
-    """Appends this run's decisions to the audit log with what/who/run/commit/when filled in."""
+    """Appends this run's decisions to the audit log with what/who/run/commit/when filled in.
+
+    Immutable: a run learns its digest (and commit) part-way through, and says so once with
+    :meth:`about`, which gives the records from there on their subject. A run is about one
+    digest; naming another is a programming error, not something to record silently.
+    """
 
     log: AuditTrail
     run_id: str
@@ -69,6 +74,25 @@ class RunAudit:
     environment: str
     digest: str | None = None
     commit: str | None = None
+
+    def about(self, digest: str, commit: str | None = None) -> RunAudit:
+        """This run's trail with ``digest`` (and ``commit``, once known) on every record."""
+        if self.digest is not None and self.digest != digest:
+            raise ValueError(f"run {self.run_id} is about {self.digest}, not {digest}")
+        if self.commit is not None and commit is not None and self.commit != commit:
+            raise ValueError(f"run {self.run_id} is about commit {self.commit}, not {commit}")
+        return replace(self, digest=digest, commit=commit or self.commit)
+
+    def as_far_as_recorded(self) -> RunAudit:
+        """This run's trail about the digest and commit its own latest records name.
+
+        For records made where the stage that learnt the subject is out of reach, e.g. a
+        refusal caught at the top of the flow: it still names what was refused.
+        """
+        digest, commit = self.digest, self.commit
+        for record in self.log.run_records(self.run_id):
+            digest, commit = record.digest or digest, record.commit or commit
+        return replace(self, digest=digest, commit=commit)
 
     def record(self, event: str, actor: str = SYSTEM_ACTOR, **details: JsonValue) -> None:
         """Append one decision."""

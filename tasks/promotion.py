@@ -118,11 +118,10 @@ def evidence_entries(checks: Sequence[CheckResult]) -> tuple[EvidenceEntry, ...]
 @task(name="sign-promotion-record", retries=2, retry_delay_seconds=2,
       retry_condition_fn=only_transient)
 def sign_record(image: ImageRef, predicate: PromotionPredicate,
-                credentials_block: str | None = None) -> SignedRecord:
+                credentials: DeployCredentials) -> SignedRecord:
     """Sign ``predicate`` with this environment's promotion key and attach it to the digest."""
-    creds = DeployCredentials.resolve(credentials_block)
-    key = creds.promotion_signing_key(predicate.environment)
-    with creds.promoter_client() as client:
+    key = credentials.promotion_signing_key(predicate.environment)
+    with credentials.promoter_client() as client:
         return sign_promotion(client, image, predicate, key)
 
 
@@ -130,7 +129,7 @@ def complete_promotion(
     audit: RunAudit, image: ImageRef, policy: EnvironmentPolicy, checks: Sequence[CheckResult],
     approved_by: Sequence[str], *, commit: str, requested_by: str,
     deployment: Deployment | None, gitops: GitOpsCommit | None, canary: CanaryReport | None,
-    ticket: str | None, credentials_block: str | None = None,
+    ticket: str | None, credentials: DeployCredentials,
 ) -> SignedRecord:
     """Sign and attach the promotion record, then record ``promotion.completed``.
 
@@ -147,7 +146,7 @@ def complete_promotion(
         completed_at=datetime.now(UTC),
         deployed_to=deployment.url if deployment else (gitops.sha if gitops else None),
     )
-    signed = sign_record(image, predicate, credentials_block)
+    signed = sign_record(image, predicate, credentials)
     audit.record(COMPLETED, image=str(image), approved_by=list(approved_by),
                  url=deployment.url if deployment else None,
                  container=deployment.container_name if deployment else None,
@@ -161,7 +160,7 @@ def complete_promotion(
 def complete_rollback(
     audit: RunAudit, target: ImageRef, policy: EnvironmentPolicy, checks: Sequence[CheckResult],
     *, commit: str, rolled_back_from: str, reason: str, requested_by: str, deployed_to: str,
-    credentials_block: str | None = None,
+    credentials: DeployCredentials,
 ) -> SignedRecord:
     """Sign and attach the record of a rollback to ``target`` (what runs again, and why)."""
     _, _, started = run_facts(run_records(audit.log, audit.run_id), ())
@@ -173,16 +172,14 @@ def complete_rollback(
         completed_at=datetime.now(UTC), deployed_to=deployed_to,
         rolled_back_from=rolled_back_from, reason=reason,
     )
-    signed = sign_record(target, predicate, credentials_block)
+    signed = sign_record(target, predicate, credentials)
     audit.record("rollback.recorded", promotion_record=signed.location,
                  record_envelope=signed.envelope_digest)
     return signed
 
 
-@task(name="verify-promotion-record", retries=2, retry_delay_seconds=2,
-      retry_condition_fn=only_transient)
-def verify_passed(image: ImageRef, environment: str, app: str,
-                  credentials_block: str | None = None) -> str:
+def passed_record(image: ImageRef, environment: str, app: str,
+                  credentials: DeployCredentials) -> str:
     """Refuse ``image`` unless ``environment``'s deploy side signed its promotion there.
 
     Returns:
@@ -191,15 +188,19 @@ def verify_passed(image: ImageRef, environment: str, app: str,
     Raises:
         PolicyRefusal: ``<digest> never passed <environment>``, with the reason.
     """
-    creds = DeployCredentials.resolve(credentials_block)
-    trust = creds.promotion_trust_root(environment)
-    with creds.registry_client() as client:
+    trust = credentials.promotion_trust_root(environment)
+    with credentials.registry_client() as client:
         found = passed_in(client, image, environment, trust, app)
     return f"{found.location} signed by key:{found.key_id[:16]} at {found.predicate.completed_at.isoformat()}"
 
 
+# The gate as a task of the run (retried on registry hiccups); `plan` calls the plain function.
+verify_passed = task(name="verify-promotion-record", retries=2, retry_delay_seconds=2,
+                     retry_condition_fn=only_transient)(passed_record)
+
+
 def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunAudit,
-                   deploy_block: str | None = None) -> ImageRef:
+                   credentials: DeployCredentials) -> ImageRef:
     """For a promoting environment: the digest, which must have passed the one before (a
     promotion record signed by that environment's deploy side; the audit log proves nothing)."""
     if policy.promote_from is None:
@@ -209,7 +210,6 @@ def promoted_image(policy: EnvironmentPolicy, image_ref: str | None, audit: RunA
             f"{policy.environment} never rebuilds: pass the digest that passed {policy.promote_from}",
         )
     image = ImageRef.parse(image_ref)
-    audit.digest = image.digest
-    passed = verify_passed(image, policy.promote_from, audit.app, deploy_block)
-    audit.record("chain.checked", passed_in=policy.promote_from, record=passed)
+    passed = verify_passed(image, policy.promote_from, audit.app, credentials)
+    audit.about(image.digest).record("chain.checked", passed_in=policy.promote_from, record=passed)
     return image

@@ -1,8 +1,8 @@
 """Supply-chain stages: sign + provenance, SBOM and scan attestations (build side), and the
 deploy side's verification of all of it for the exact digest.
 
-Build-side tasks load only :class:`BuildCredentials`; :func:`verify_evidence` loads only
-:class:`DeployCredentials`.
+Build-side tasks take only :class:`BuildCredentials`; :func:`verify_evidence` takes only
+:class:`DeployCredentials`. The flow resolves each side's credentials once and passes them.
 """
 
 from __future__ import annotations
@@ -63,19 +63,19 @@ def _attest_once(creds: BuildCredentials, action: str, image: ImageRef, predicat
 
 @task(name="sign", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient)
 def sign_image_and_provenance(
-    build: BuildResult, credentials_block: str | None = None, flow_run_url: str | None = None
+    build: BuildResult, credentials: BuildCredentials, flow_run_url: str | None = None
 ) -> tuple[SigningRecord, SigningRecord]:
     """Sign the digest and attach signed SLSA v1 provenance.
 
     Args:
         build: the build result (digest, source, times).
-        credentials_block: saved build credentials; None reads PORTCULLIS_BUILD_*.
+        credentials: the build side's credentials.
         flow_run_url: link to the flow run recorded in the provenance.
 
     Returns:
         Where the signature and the provenance attestation were stored.
     """
-    creds = BuildCredentials.resolve(credentials_block)
+    creds = credentials
     started = time.monotonic()
     # One client and one decrypted key for both: opening the cosign key costs a scrypt run.
     # The key's setup is counted in the signature's time.
@@ -90,7 +90,7 @@ def sign_image_and_provenance(
 
 
 @task(name="export-image", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient)
-def export_image_archive(build: BuildResult, work_dir: Path, credentials_block: str | None = None) -> Path:
+def export_image_archive(build: BuildResult, work_dir: Path, credentials: BuildCredentials) -> Path:
     """Write the pushed image as a ``docker save`` tarball for trivy.
 
     Read back from the registry by digest (every blob checked against its digest), so the
@@ -99,14 +99,13 @@ def export_image_archive(build: BuildResult, work_dir: Path, credentials_block: 
     Args:
         build: the build result; the archive is of exactly its digest.
         work_dir: where to write the archive.
-        credentials_block: saved build credentials; None reads PORTCULLIS_BUILD_*.
+        credentials: the build side's credentials.
 
     Returns:
         The archive path.
     """
-    creds = BuildCredentials.resolve(credentials_block)
     repository = build.image.repository
-    with creds.registry_client() as client:
+    with credentials.registry_client() as client:
         manifest = client.get_manifest(repository, build.image.digest)
         config = client.get_blob(repository, Descriptor.from_json(manifest.json().get("config")).digest)
         layers = tuple(client.get_blob(repository, layer.digest) for layer in manifest.layers())
@@ -118,40 +117,38 @@ def export_image_archive(build: BuildResult, work_dir: Path, credentials_block: 
 
 
 @task(name="attest-sbom", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient)
-def attest_sbom(image: ImageRef, sbom: SbomRecord, credentials_block: str | None = None) -> SigningRecord:
+def attest_sbom(image: ImageRef, sbom: SbomRecord, credentials: BuildCredentials) -> SigningRecord:
     """Attach the CycloneDX SBOM to the digest as a signed attestation.
 
     Args:
         image: the digest the SBOM describes.
         sbom: the SBOM stage's record (its file is read and signed as is).
-        credentials_block: saved build credentials.
+        credentials: the build side's credentials.
 
     Returns:
         Where the attestation was stored.
     """
-    creds = BuildCredentials.resolve(credentials_block)
     document = json.loads(Path(sbom.path).read_bytes())
-    return _attest_once(creds, "sbom", image, CYCLONEDX_BOM, document)
+    return _attest_once(credentials, "sbom", image, CYCLONEDX_BOM, document)
 
 
 @task(name="attest-scan", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient)
-def attest_scan(image: ImageRef, outcome: ScanOutcome, credentials_block: str | None = None) -> SigningRecord:
+def attest_scan(image: ImageRef, outcome: ScanOutcome, credentials: BuildCredentials) -> SigningRecord:
     """Attach the scan report and the gate's verdict to the digest as a signed attestation.
 
     Args:
         image: the scanned digest.
         outcome: the scan stage's result.
-        credentials_block: saved build credentials.
+        credentials: the build side's credentials.
 
     Returns:
         Where the attestation was stored.
     """
-    creds = BuildCredentials.resolve(credentials_block)
     predicate = {
         "report": outcome.report.model_dump(mode="json"),
         "verdict": outcome.verdict.model_dump(mode="json"),
     }
-    return _attest_once(creds, "scan", image, SCAN_RESULT, predicate)
+    return _attest_once(credentials, "scan", image, SCAN_RESULT, predicate)
 
 
 def scan_check(policy: EnvironmentPolicy, now: datetime | None = None) -> AttestationCheck:
@@ -185,13 +182,13 @@ def verify_for_environment(image: ImageRef, policy: EnvironmentPolicy, creds: De
 
 
 @task(name="verify", retries=2, retry_delay_seconds=2, retry_condition_fn=only_transient)
-def verify_evidence(image: ImageRef, policy: EnvironmentPolicy, credentials_block: str | None = None) -> list[CheckResult]:
+def verify_evidence(image: ImageRef, policy: EnvironmentPolicy, credentials: DeployCredentials) -> list[CheckResult]:
     """Deploy side: refuse the digest unless signature, provenance, SBOM and scan all check out.
 
     Args:
         image: the digest about to be deployed.
         policy: the environment's policy (loaded by the flow from the policy directory).
-        credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
+        credentials: the deploy side's credentials (trust roots, pull rights).
 
     Returns:
         What each check established.
@@ -199,9 +196,8 @@ def verify_evidence(image: ImageRef, policy: EnvironmentPolicy, credentials_bloc
     Raises:
         VerificationFailed: naming the check, the digest and the reason; never retried.
     """
-    creds = DeployCredentials.resolve(credentials_block)
     try:
-        results = verify_for_environment(image, policy, creds)
+        results = verify_for_environment(image, policy, credentials)
     except VerificationFailed as exc:
         create_markdown_artifact(
             markdown=f"# Verification refused\n\n- digest `{image.digest}`\n- check **{exc.check}**\n- {exc.reason}\n",
@@ -217,14 +213,14 @@ def verify_evidence(image: ImageRef, policy: EnvironmentPolicy, credentials_bloc
 
 
 def verify_and_record(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudit,
-                      credentials_block: str | None, stage: str, *, once: bool = False) -> list[CheckResult]:
+                      credentials: DeployCredentials, stage: str, *, once: bool = False) -> list[CheckResult]:
     """:func:`verify_evidence` at one stage of a run, with the outcome in its audit trail.
 
     Args:
         image: the digest about to be deployed (or rolled back to).
         policy: the environment's policy.
         audit: the run's audit trail: ``verification.passed`` or ``verification.refused``.
-        credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
+        credentials: the deploy side's credentials.
         stage: where in the run (``before-approval``, ``after-lock``, ``rollback``...).
         once: a run resumed after a wait takes what it verified at this stage before (the
             gates after the wait verify again).
@@ -237,7 +233,7 @@ def verify_and_record(image: ImageRef, policy: EnvironmentPolicy, audit: RunAudi
         if isinstance(results, list):
             return [CheckResult.model_validate(r) for r in results]
     try:
-        checks = verify_evidence(image, policy, credentials_block)
+        checks = verify_evidence(image, policy, credentials)
     except PortcullisError as exc:
         audit.record("verification.refused", stage=stage, reason=str(exc))
         raise

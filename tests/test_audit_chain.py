@@ -296,3 +296,32 @@ def test_http_sink_failure_is_transient_and_local_record_stays(
     with pytest.raises(TransientError, match="HTTP 503"):
         audit.append(entry(1))
     assert audit.verify().count == 1
+
+
+def test_a_runs_audit_names_one_subject_and_never_changes_it(tmp_path: Path) -> None:
+    """RunAudit is immutable: ``about`` gives a bound copy, and a run cannot be about two digests."""
+    from dataclasses import FrozenInstanceError
+
+    from tasks.gates import RunAudit
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    start = RunAudit(log, "run-1", "hello", "dev")
+    start.record("promotion.started")
+    bound = start.about("sha256:" + "a" * 64)
+    with pytest.raises(FrozenInstanceError):
+        bound.digest = "sha256:" + "b" * 64  # type: ignore[misc]
+    bound.about("sha256:" + "a" * 64, "c0ffee").record("verification.passed")
+    with pytest.raises(ValueError, match="is about sha256:a"):
+        bound.about("sha256:" + "b" * 64)
+    with pytest.raises(ValueError, match="commit c0ffee"):
+        bound.about("sha256:" + "a" * 64, "c0ffee").about("sha256:" + "a" * 64, "deadbeef")
+    assert start.digest is None and bound.commit is None
+
+    # A refusal caught where only the unbound trail is at hand still names the subject.
+    start.as_far_as_recorded().record("promotion.refused", reason="test")
+    records = log.run_records("run-1")
+    assert [(r.event, r.digest, r.commit) for r in records] == [
+        ("promotion.started", None, None),
+        ("verification.passed", "sha256:" + "a" * 64, "c0ffee"),
+        ("promotion.refused", "sha256:" + "a" * 64, "c0ffee"),
+    ]

@@ -42,6 +42,8 @@ from portcullis.catalog import load_catalog
 from portcullis.errors import PortcullisError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The traffic side's default loopback ports.
+TRAFFIC_PORTS = TrafficPorts(syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090)
 
 
 @dataclass(frozen=True)
@@ -54,20 +56,28 @@ class StackConfig:
     #: The change calendar prod's policy consults (policies/prod.toml names this port).
     calendar_port: int = 8470
     with_prefect: bool = True
-    traffic_ports: TrafficPorts = field(default_factory=lambda: TrafficPorts(
-        syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090))
+    traffic_ports: TrafficPorts = TRAFFIC_PORTS
     #: Requests per second the stack's users send to each front door.
     load_rate: float = DEFAULT_RATE
 
     @classmethod
     def from_env(cls) -> StackConfig:
         """Read ``PORTCULLIS_HOME``, ``PORTCULLIS_REGISTRY_PORT``, ``PORTCULLIS_PREFECT_PORT``,
-        ``PORTCULLIS_CALENDAR_PORT`` and ``PORTCULLIS_LOAD_RATE``."""
+        ``PORTCULLIS_CALENDAR_PORT``, the traffic side's ``PORTCULLIS_SYSLOG_PORT``,
+        ``PORTCULLIS_LATENCY_PORT``, ``PORTCULLIS_HAPROXY_STATS_PORT``,
+        ``PORTCULLIS_PROMETHEUS_PORT`` and ``PORTCULLIS_LOAD_RATE``."""
+        defaults = TRAFFIC_PORTS
         return cls(
             state_dir=Path(os.environ.get("PORTCULLIS_HOME", REPO_ROOT / ".stack")).resolve(),
             registry_port=int(os.environ.get("PORTCULLIS_REGISTRY_PORT", "5000")),
             prefect_port=int(os.environ.get("PORTCULLIS_PREFECT_PORT", "4200")),
             calendar_port=int(os.environ.get("PORTCULLIS_CALENDAR_PORT", "8470")),
+            traffic_ports=TrafficPorts(
+                syslog=int(os.environ.get("PORTCULLIS_SYSLOG_PORT", defaults.syslog)),
+                exporter_http=int(os.environ.get("PORTCULLIS_LATENCY_PORT", defaults.exporter_http)),
+                haproxy_stats=int(os.environ.get("PORTCULLIS_HAPROXY_STATS_PORT", defaults.haproxy_stats)),
+                prometheus=int(os.environ.get("PORTCULLIS_PROMETHEUS_PORT", defaults.prometheus)),
+            ),
             load_rate=float(os.environ.get("PORTCULLIS_LOAD_RATE", str(DEFAULT_RATE))),
         )
 

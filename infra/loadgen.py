@@ -198,8 +198,9 @@ class LoadConfig(Frozen):
     """What the generator sends (``config.json``; the running process rereads it)."""
 
     targets: tuple[str, ...] = Field(description="URLs on loopback, each gets its own stream")
-    rate_per_second: float | None = Field(default=DEFAULT_RATE, gt=0,
-                                          description="per target; None: as fast as answered")
+    rate_per_second: float | None = Field(
+        default=DEFAULT_RATE, gt=0,
+        description="per target, held run after run against slow answers; None: as fast as answered")
     connections: int = Field(default=4, ge=1, description="keep-alive connections per target")
 
 
@@ -274,6 +275,7 @@ class _Generator:
         with self._lock:
             counts = self._counts.get(url) or TargetCounts(url=url)
         was_open: bool | None = None
+        ask = rate
         while not stop.is_set():
             if not _accepts(url):
                 if was_open is not False:
@@ -287,7 +289,7 @@ class _Generator:
             was_open = True
             try:
                 run = run_load(url, duration_seconds=RUN_SECONDS, connections=connections,
-                               rate_per_second=rate)
+                               rate_per_second=ask)
             except ToolError as exc:
                 # Killed with the process group on stop, or wrk failed: no counts from it.
                 _log.error("wrk against %s: %s", url, exc)
@@ -298,6 +300,10 @@ class _Generator:
                              run.http_errors + run.socket_errors, run.requests, run.http_errors,
                              run.socket_errors)
             self._publish(url, counts := counts.plus(run, time.time()))
+            if rate is not None and ask is not None and run.requests_per_second > 0:
+                # wrk pauses a fixed time between a connection's requests, so slow answers
+                # lower the rate: the next run asks for more by what this one fell short.
+                ask = min(4 * rate, max(rate, ask * rate / run.requests_per_second))
 
     def _reconcile(self, config: LoadConfig) -> None:
         wanted = {(url, config.rate_per_second, config.connections) for url in config.targets}

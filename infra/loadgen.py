@@ -265,22 +265,25 @@ class _Generator:
         self._counts: dict[str, TargetCounts] = {}
         self._streams: dict[tuple[str, float | None, int], threading.Event] = {}
 
-    def _publish(self, url: str, counts: TargetCounts) -> None:
+    def _publish(self, url: str, run: LoadResult | None) -> None:
+        """Add a completed ``run`` (None: the door is closed) to the counts of ``url`` and
+        publish them all (a stream replaced by a new rate may still finish a run: both count
+        into the same totals)."""
         with self._lock:
-            self._counts[url] = counts
+            counts = self._counts.get(url) or TargetCounts(url=url)
+            self._counts[url] = (counts.model_copy(update={"open": False}) if run is None
+                                 else counts.plus(run, time.time()))
             _write_json(self.status_path, json.dumps(
                 {"pid": os.getpid(), "targets": {u: c.model_dump() for u, c in self._counts.items()}}))
 
     def _stream(self, url: str, rate: float | None, connections: int, stop: threading.Event) -> None:
-        with self._lock:
-            counts = self._counts.get(url) or TargetCounts(url=url)
         was_open: bool | None = None
         ask = rate
         while not stop.is_set():
             if not _accepts(url):
                 if was_open is not False:
                     _log.info("%s refuses connections: waiting for its front door", url)
-                    self._publish(url, counts := counts.model_copy(update={"open": False}))
+                    self._publish(url, None)
                 was_open = False
                 stop.wait(_CLOSED_PROBE_SECONDS)
                 continue
@@ -299,7 +302,7 @@ class _Generator:
                 _log.warning("%s: %d of %d requests failed (%d HTTP, %d socket errors)", url,
                              run.http_errors + run.socket_errors, run.requests, run.http_errors,
                              run.socket_errors)
-            self._publish(url, counts := counts.plus(run, time.time()))
+            self._publish(url, run)
             if rate is not None and ask is not None and run.requests_per_second > 0:
                 # wrk pauses a fixed time between a connection's requests, so slow answers
                 # lower the rate: the next run asks for more by what this one fell short.

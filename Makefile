@@ -4,7 +4,7 @@
 # Bring up the local stack and promote the example app to dev; prints where it runs.
 demo:
 	bash infra/bootstrap.sh
-	uv run python -m portcullis promote --app hello --environment dev
+	uv run python -m infra.demo promote --app hello --environment dev
 
 # Run the whole test suite (lint, strict types, then unit and integration tests against
 # real components).

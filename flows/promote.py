@@ -394,7 +394,7 @@ def _canary(
         return rollout_with_person(
             image, app, environment, commit, creds, policy=policy.canary, router=router,
             provider=provider, audit=audit, record=record, ask=person, durable=waits_durably(),
-            approved_by=approved_by, synthetic_load=settings.canary_synthetic_load,
+            approved_by=approved_by,
         )
     finally:
         provider.close()

@@ -75,7 +75,6 @@ SIDE_VARIABLES: dict[Side, tuple[str, ...]] = {
         # The canary's router state and metrics (locations, not secrets), deploy side only.
         "PORTCULLIS_TRAFFIC_DIR",
         "PORTCULLIS_PROMETHEUS_URL",
-        "PORTCULLIS_CANARY_SYNTHETIC_LOAD",
     ),
 }
 

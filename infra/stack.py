@@ -2,7 +2,9 @@
 
 ``python -m infra.stack up`` brings up (idempotently) a Docker engine, an OCI registry with
 separate build (push), deploy (pull) and promoter (push promotion records only) accounts, a Prefect server and the locally made base
-image, then prints where each part listens. ``down`` stops what ``up`` started. State lives in
+image, the traffic side (HAProxy, Prometheus) and the stack's users (``infra/loadgen.py``: steady
+requests through every catalog app's front door, so canaries have traffic to be judged on),
+then prints where each part listens. ``down`` stops what ``up`` started. State lives in
 ``$PORTCULLIS_HOME`` (default ``.stack/`` in the repository), including generated registry
 passwords (mode 600), and ``.stack/env`` can be sourced by a shell.
 """
@@ -34,10 +36,14 @@ from infra.demo_data import (
     trusted_keys_env,
 )
 from infra.docker_engine import ensure_engine, stop_private_engine
+from infra.loadgen import DEFAULT_RATE, LoadGenerator, stack_targets
 from infra.traffic import TrafficPorts, ensure_traffic, stop_traffic
+from portcullis.catalog import load_catalog
 from portcullis.errors import PortcullisError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The traffic side's default loopback ports.
+TRAFFIC_PORTS = TrafficPorts(syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090)
 
 
 @dataclass(frozen=True)
@@ -50,17 +56,29 @@ class StackConfig:
     #: The change calendar prod's policy consults (policies/prod.toml names this port).
     calendar_port: int = 8470
     with_prefect: bool = True
-    traffic_ports: TrafficPorts = field(default_factory=lambda: TrafficPorts(
-        syslog=5514, exporter_http=9101, haproxy_stats=8404, prometheus=9090))
+    traffic_ports: TrafficPorts = TRAFFIC_PORTS
+    #: Requests per second the stack's users send to each front door.
+    load_rate: float = DEFAULT_RATE
 
     @classmethod
     def from_env(cls) -> StackConfig:
-        """Read ``PORTCULLIS_HOME``, ``PORTCULLIS_REGISTRY_PORT``, ``PORTCULLIS_PREFECT_PORT``."""
+        """Read ``PORTCULLIS_HOME``, ``PORTCULLIS_REGISTRY_PORT``, ``PORTCULLIS_PREFECT_PORT``,
+        ``PORTCULLIS_CALENDAR_PORT``, the traffic side's ``PORTCULLIS_SYSLOG_PORT``,
+        ``PORTCULLIS_LATENCY_PORT``, ``PORTCULLIS_HAPROXY_STATS_PORT``,
+        ``PORTCULLIS_PROMETHEUS_PORT`` and ``PORTCULLIS_LOAD_RATE``."""
+        defaults = TRAFFIC_PORTS
         return cls(
             state_dir=Path(os.environ.get("PORTCULLIS_HOME", REPO_ROOT / ".stack")).resolve(),
             registry_port=int(os.environ.get("PORTCULLIS_REGISTRY_PORT", "5000")),
             prefect_port=int(os.environ.get("PORTCULLIS_PREFECT_PORT", "4200")),
             calendar_port=int(os.environ.get("PORTCULLIS_CALENDAR_PORT", "8470")),
+            traffic_ports=TrafficPorts(
+                syslog=int(os.environ.get("PORTCULLIS_SYSLOG_PORT", defaults.syslog)),
+                exporter_http=int(os.environ.get("PORTCULLIS_LATENCY_PORT", defaults.exporter_http)),
+                haproxy_stats=int(os.environ.get("PORTCULLIS_HAPROXY_STATS_PORT", defaults.haproxy_stats)),
+                prometheus=int(os.environ.get("PORTCULLIS_PROMETHEUS_PORT", defaults.prometheus)),
+            ),
+            load_rate=float(os.environ.get("PORTCULLIS_LOAD_RATE", str(DEFAULT_RATE))),
         )
 
 
@@ -89,6 +107,8 @@ class StackInfo:
     calendar_token: str
     promoter_password: str = ""
     promotion_env: dict[str, str] = field(default_factory=dict)  # keys and trust roots
+    load_targets: tuple[str, ...] = ()
+    load_status: str = ""
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients and credential settings at this stack."""
@@ -108,9 +128,6 @@ class StackInfo:
             "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(self.cosign_public_key),
             "PORTCULLIS_HOME": self.state_dir,
             "PORTCULLIS_PROMETHEUS_URL": self.prometheus_url,
-            # The local stack has no users: drive requests through the router during canary
-            # windows so the analysis has traffic to judge.
-            "PORTCULLIS_CANARY_SYNTHETIC_LOAD": "true",
             "PORTCULLIS_GITOPS_REPO_URL": self.gitops_repo,
             "PORTCULLIS_GITOPS_WORKDIR": f"{self.state_dir}/gitops-work",
             "PORTCULLIS_APPROVERS_FILE": self.approvers_file,
@@ -156,6 +173,11 @@ def up(config: StackConfig) -> StackInfo:
     private_pem, key_password, public_pem = ensure_signing_keys(state)
     ensure_trivy_db(state / "trivy")
     traffic = ensure_traffic(state / "traffic", config.traffic_ports, docker_host=engine.host)
+    # The stack plays its users: every catalog app's front door gets steady requests (a door
+    # with nothing behind it yet is only probed), so each canary window has traffic.
+    users = LoadGenerator(state / "loadgen")
+    targets = stack_targets(load_catalog())
+    users.start(targets, rate_per_second=config.load_rate)
     gitops_repo = ensure_gitops_repo(state, REPO_ROOT / "examples" / "gitops")
     approvers = ensure_approvers(state)
     calendar_url, calendar_token = ensure_calendar(state / "calendar", config.calendar_port)
@@ -181,6 +203,8 @@ def up(config: StackConfig) -> StackInfo:
         calendar_token=calendar_token,
         promoter_password=accounts["promoter"],
         promotion_env=promotion_env(ensure_promotion_keys(state)),
+        load_targets=targets,
+        load_status=str(users.status_path),
     )
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in info.env().items()]
     env_path = state / "env"
@@ -193,7 +217,9 @@ def up(config: StackConfig) -> StackInfo:
 def down(config: StackConfig) -> list[str]:
     """Stop everything :func:`up` started. Returns the names of what was stopped."""
     state = config.state_dir
-    stopped = stop_traffic(state / "traffic")
+    # The users go first: requests to a router that is stopping would only fail.
+    stopped = ["loadgen"] if LoadGenerator(state / "loadgen").stop() else []
+    stopped += stop_traffic(state / "traffic")
     if stop_calendar(state / "calendar"):
         stopped.append("change-calendar")
     if prefect_server.stop_server(state / "prefect"):
@@ -226,6 +252,8 @@ def _describe(info: StackInfo) -> str:
         "promoter=push promotions/* only)"),
         f"prefect server  {info.prefect_api_url or 'not started'}",
         f"prometheus      {info.prometheus_url}  (scrapes the HAProxy router and its latency log)",
+        (f"users           {len(info.load_targets)} front doors, steady requests to each that "
+         f"answers (counts in {info.load_status})"),
         f"gitops repo     {info.gitops_repo}  (prod overlays; Argo CD/Flux would apply them)",
         f"change calendar {info.calendar_url}  (freezes in {info.state_dir}/calendar/freezes.json)",
         f"base image      {info.base_image_id}",

@@ -62,8 +62,8 @@ class AppEntry(Frozen):
     health_path: str | None = Field(
         default=None, description="HTTP path that answers 200 when healthy (default: the catalog's)")
     load_path: str | None = Field(
-        default=None, description="HTTP path the canary's synthetic load asks for on the local stack "
-        "and in tests (default: the catalog's, else the health path)")
+        default=None, description="HTTP path the local stack's users ask for (infra/loadgen.py) "
+        "(default: the catalog's, else the health path)")
     environments: tuple[EnvironmentName, ...] = Field(min_length=1, description="where it is promoted, in order")
     owners: tuple[str, ...] = Field(min_length=1, description="who answers for it (directory ids or teams)")
     freeze: tuple[FreezeWindow, ...] = Field(default=(), description="the app's own freeze windows")
@@ -112,7 +112,7 @@ class AppEntry(Frozen):
 
 
 class ProbePaths(Frozen):
-    """Where the router checks an app's health and where synthetic canary load goes."""
+    """Where the router checks an app's health and where the local stack's users send requests."""
 
     health: str
     load: str
@@ -124,7 +124,7 @@ class Catalog(Frozen):
     apps: tuple[AppEntry, ...]
     base: Path = Field(description="directory relative repository paths are resolved against")
     health_path: str = Field(default=DEFAULT_PROBE_PATH, description="default health path")
-    load_path: str | None = Field(default=None, description="default synthetic load path")
+    load_path: str | None = Field(default=None, description="default path for the local stack's users")
 
     @field_validator("health_path", "load_path")
     @classmethod
@@ -243,7 +243,7 @@ def load_catalog(path: Path | None = None) -> Catalog:
 
 
 def probe_paths(app: str, path: Path | None = None) -> ProbePaths:
-    """Where ``app`` answers health checks and takes synthetic load, from the catalog.
+    """Where ``app`` answers health checks and where the local stack's users ask, from the catalog.
 
     No catalog file gives ``/`` for both; an app outside the catalog gets the catalog's
     defaults. An invalid catalog is refused (:class:`ConfigurationError`).

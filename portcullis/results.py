@@ -8,7 +8,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from portcullis.canary.analysis import AnalysisPhase
-from portcullis.canary.loadgen import LoadResult
 from portcullis.change import WhatChanged
 from portcullis.gitops import GitOpsCommit
 from portcullis.models import BuildResult, Deployment, Frozen, ImageRef, ReusedBuild
@@ -26,7 +25,6 @@ class CanaryReport(Frozen):
     seconds_to_stable: float | None = Field(
         default=None, description="from the start of the failing window to 100% on stable"
     )
-    load: tuple[LoadResult, ...] = ()
     verdict_at: float | None = Field(
         default=None, exclude=True,
         description="time.monotonic() of a failing verdict, to time the way back to stable")

@@ -52,11 +52,6 @@ class Settings(BaseSettings):
     prometheus_url: str | None = Field(
         default=None, description="Prometheus that scrapes the router, for canary analysis"
     )
-    canary_synthetic_load: bool = Field(
-        default=False,
-        description="drive load through the front door during canary windows (local stack and "
-        "tests only: a real environment has real traffic)",
-    )
     approval_poll_seconds: float = Field(
         default=10, description="how often a paused approval checks for a resume (UI latency)"
     )

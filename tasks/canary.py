@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -35,7 +34,6 @@ from portcullis.canary.analysis import (
     Window,
     decide,
 )
-from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, measure
 from portcullis.catalog import probe_paths
 from portcullis.environments import port_plan
@@ -76,25 +74,6 @@ class CanaryAwaitsDecision(Exception):
         self.stable_digest = stable_digest
 
 
-class _Load:
-    """Synthetic load through the front door for one window (demo and tests only)."""
-
-    def __init__(self, url: str, seconds: float) -> None:
-        self.result: LoadResult | None = None
-        self._thread = threading.Thread(target=self._run, args=(url, seconds), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str, seconds: float) -> None:
-        try:
-            self.result = run_load(url, duration_seconds=seconds, connections=4)
-        except Exception:  # noqa: BLE001 - load is best effort; the analysis judges the traffic
-            self.result = None
-
-    def wait(self) -> LoadResult | None:
-        self._thread.join()
-        return self.result
-
-
 def _container_exit(client: docker.DockerClient, container_id: str) -> str | None:
     try:
         container = client.containers.get(container_id)
@@ -122,7 +101,7 @@ def rollout(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
     policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, record: Record,
     on_inconclusive: Callable[[Verdict], tuple[Literal["promote", "rollback"], str]],
-    approved_by: tuple[str, ...] = (), synthetic_load: bool = False, health_timeout: float = 60.0,
+    approved_by: tuple[str, ...] = (), health_timeout: float = 60.0,
 ) -> tuple[Deployment, CanaryReport | None]:
     """Deploy ``image`` behind the router, as a canary when a version already serves.
 
@@ -158,7 +137,7 @@ def rollout(
             with keeper.acting():
                 router.point_canary(app, environment, port)
             report, verdict = _analyse(client, candidate.id, app, environment, policy, router,
-                                       provider, record, front, synthetic_load, keeper)
+                                       provider, record, keeper)
             decided_by = "analysis"
             if report.phase is AnalysisPhase.INCONCLUSIVE:
                 # Stable takes all traffic while a person decides.
@@ -213,7 +192,6 @@ def rollout_with_person(
     image: ImageRef, app: str, environment: str, commit: str, creds: DeployCredentials, *,
     policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, audit: RunAudit,
     record: Record, ask: Decide, durable: bool, approved_by: tuple[str, ...] = (),
-    synthetic_load: bool = False,
 ) -> tuple[Deployment, CanaryReport | None]:
     """:func:`rollout`, with a person deciding an Inconclusive canary through ``ask``.
 
@@ -239,7 +217,7 @@ def rollout_with_person(
         try:
             return rollout(image, app, environment, commit, creds, policy=policy, router=router,
                            provider=provider, record=record, on_inconclusive=person,
-                           approved_by=approved_by, synthetic_load=synthetic_load)
+                           approved_by=approved_by)
         except CanaryAwaitsDecision as waiting:
             assert waiting.report is not None
             report, analysis, stable = waiting.report, waiting.analysis, waiting.stable_digest
@@ -341,15 +319,13 @@ def _roll_back(
 def _analyse(
     client: docker.DockerClient, container_id: str, app: str, environment: str,
     policy: CanaryPolicy, router: TrafficRouter, provider: MetricsProvider, record: Record,
-    front: str, synthetic_load: bool, keeper: LeaseKeeper[TrafficLease],
+    keeper: LeaseKeeper[TrafficLease],
 ) -> tuple[CanaryReport, Verdict]:
     target = CanaryTarget(backend=f"{app}.{environment}")
     measurements: list[Measurement] = []
-    loads: list[LoadResult] = []
     verdict = decide(policy, measurements)
     window_start = time.monotonic()
     verdict_at: float | None = None
-    load_url = front.rstrip("/") + probe_paths(app).load
     while not verdict.phase.terminal:
         assert verdict.next_step is not None and verdict.next_weight is not None
         with keeper.acting():
@@ -359,7 +335,6 @@ def _analyse(
         # the previous weight.
         start = datetime.now(UTC) + timedelta(seconds=0.5)
         window_start = time.monotonic() + 0.5
-        load = _Load(load_url, seconds + 0.5) if synthetic_load else None
         crashed = None
         while datetime.now(UTC) < start + timedelta(seconds=seconds):
             crashed = _container_exit(client, container_id)
@@ -371,15 +346,11 @@ def _analyse(
             # Stable first, then the paperwork: every moment counts for the users.
             verdict_at = time.monotonic()
             _stable_again(router, app, environment)
-            if load is not None and (result := load.wait()) is not None:
-                loads.append(result)
             record("canary.crashed", reason=crashed)
             return CanaryReport(phase=AnalysisPhase.FAILED, reason=crashed,
                                 steps=tuple(a.summary() for a in verdict.assessments),
                                 seconds_to_stable=time.monotonic() - window_start,
-                                verdict_at=verdict_at, load=tuple(loads)), verdict
-        if load is not None and (result := load.wait()) is not None:
-            loads.append(result)
+                                verdict_at=verdict_at), verdict
         window = Window(start=start, end=start + timedelta(seconds=seconds))
         try:
             measurements.append(measure(provider, target, step=verdict.next_step,
@@ -399,7 +370,6 @@ def _analyse(
         steps=tuple(a.summary() for a in verdict.assessments),
         seconds_to_stable=(time.monotonic() - window_start) if failing else None,
         verdict_at=verdict_at if failing else None,
-        load=tuple(loads),
     ), verdict
 
 

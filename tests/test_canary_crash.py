@@ -1,7 +1,8 @@
 """Traffic stays safe when the run holding a canary dies or fails, on the real stack.
 
 Given a stable version behind the real HAProxy router, Prometheus scraping it, the canary
-watcher running beside them, and load flowing through the front door:
+watcher running beside them, and the stack's users (infra/loadgen.py, in the background)
+sending requests through the front door:
 - when the promotion process is SIGKILLed at the 20% or the 50% step, then stable holds 100%
   within two windows, serves every request, and the canary container is gone;
 - when the promotion process stalls past its lease and comes back, then it notices, stops, and
@@ -38,6 +39,7 @@ import pytest
 from blocks.credentials import BuildCredentials, DeployCredentials
 from infra.daemon import running_pid
 from infra.docker_engine import DockerEngine
+from infra.loadgen import LoadGenerator
 from infra.prometheus import free_tcp_port
 from infra.traffic import Traffic, TrafficPorts, ensure_canary_watch, ensure_traffic, stop_traffic
 from portcullis.audit import AuditLog
@@ -48,7 +50,6 @@ from portcullis.canary.analysis import (
     Sample,
     Window,
 )
-from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, MetricsProvider, PrometheusProvider
 from portcullis.lease import traffic_leases
 from portcullis.models import BuildResult
@@ -57,6 +58,7 @@ from tasks.canary import CanaryFailed, rollout
 from tasks.deploy import LABEL_APP, LABEL_DIGEST
 from tasks.gates import RunAudit, environment_lock
 from tests.conftest import REPO_ROOT, AppRepo
+from tests.support.users import one_run_after, users_at
 from tests.test_canary_rollout import Events, _build, _front
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -83,26 +85,11 @@ def _event(events: Events, name: str) -> dict[str, Any]:
     return next(d for e, d in events.items if e == name)
 
 
-class Load:
-    """wrk through the front door, in back-to-back 2 s runs, until stopped."""
-
-    def __init__(self, url: str) -> None:
-        self.results: list[LoadResult] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str) -> None:
-        while not self._stop.is_set():
-            self.results.append(run_load(url, duration_seconds=2, connections=4,
-                                         rate_per_second=150))
-
-    def stop(self) -> tuple[int, int]:
-        """Stop after the run in progress; returns (requests, failed requests)."""
-        self._stop.set()
-        self._thread.join(30)
-        return (sum(r.requests for r in self.results),
-                sum(r.http_errors + r.socket_errors for r in self.results))
+@pytest.fixture()
+def users(stable: BuildResult, app_name: str, tmp_path: Path) -> Iterator[LoadGenerator]:
+    """The stack's users on the stable version's front door, once their requests flow."""
+    with users_at(_front(app_name), tmp_path / "users", rate_per_second=150) as generator:
+        yield generator
 
 
 def _wait(probe: Callable[[], bool], timeout: float, what: str) -> float:
@@ -146,13 +133,12 @@ def _containers_of(client: docker.DockerClient, app: str, digest: str) -> list[A
 
 
 def _rollout(build: BuildResult, app: str, creds: DeployCredentials, traffic: Traffic,
-             events: Events, *, provider: MetricsProvider | None = None, load: bool = True) -> Any:
+             events: Events, *, provider: MetricsProvider | None = None) -> Any:
     prom = PrometheusProvider(traffic.prometheus_url)
     try:
         return rollout(build.image, app, "dev", build.source.commit, creds, policy=POLICY,
                        router=HaproxyRouter(traffic.router_dir), provider=provider or prom,
-                       record=events, on_inconclusive=lambda _v: ("rollback", "test"),
-                       synthetic_load=load)
+                       record=events, on_inconclusive=lambda _v: ("rollback", "test"))
     finally:
         prom.close()
 
@@ -202,14 +188,14 @@ def _child_events(path: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("weight", [20, 50])
 def test_a_killed_promotion_gives_the_traffic_back_to_stable(
-    weight: int, stable: BuildResult, app_repo: AppRepo, app_name: str,
+    weight: int, stable: BuildResult, users: LoadGenerator, app_repo: AppRepo, app_name: str,
     build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
     docker_client: docker.DockerClient, tmp_path: Path,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
     router = HaproxyRouter(traffic.router_dir)
     failures_before = _stable_failures(router, app_name)
-    load = Load(_front(app_name))
+    before = users.counts(_front(app_name))
     child, _ = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path)
     try:
         _wait(lambda: _weights(router, app_name)[1] == weight, 180, f"the canary at {weight}%")
@@ -220,13 +206,13 @@ def test_a_killed_promotion_gives_the_traffic_back_to_stable(
                           "100% on stable")
         gone = _wait(lambda: not _containers_of(docker_client, app_name, v2.image.digest),
                      4 * WINDOW, "the canary container removed")
-        # Keep the load going past the removal (two more runs: one is entirely after it).
-        runs = len(load.results)
-        _wait(lambda: len(load.results) >= runs + 2, 30, "load after the removal")
+        # Count past the removal: the run in progress, then one entirely after it.
+        after = one_run_after(users, _front(app_name))
     finally:
         if child.poll() is None:
             child.kill()
-        requests, failed = load.stop()
+    seen = users.counts(_front(app_name)).since(before)
+    requests, failed = seen.requests, seen.failed
     stable_failed = _stable_failures(router, app_name) - failures_before
     print(f"\nFIGURE SIGKILL at {weight}%: 100% on stable {on_stable - killed:.2f}s after the kill, "
           f"canary container gone after {gone - killed:.2f}s (window {WINDOW:.0f}s); "
@@ -237,18 +223,17 @@ def test_a_killed_promotion_gives_the_traffic_back_to_stable(
     assert traffic_leases(traffic.router_dir).read(backend_name(app_name, "dev")) is None
     journal = (traffic.router_dir / "leases" / "reclaimed.jsonl").read_text()
     assert app_name in journal
-    after = run_load(_front(app_name), duration_seconds=1, connections=2)
-    assert after.requests > 0 and after.http_errors == 0 and after.socket_errors == 0
+    assert after.requests > 0 and after.failed == 0, after
 
 
 def test_a_stalled_promotion_that_comes_back_stops_without_touching_the_weights(
-    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
-    deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
-    tmp_path: Path,
+    stable: BuildResult, users: LoadGenerator, app_repo: AppRepo, app_name: str,
+    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
+    docker_client: docker.DockerClient, tmp_path: Path,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
     router = HaproxyRouter(traffic.router_dir)
-    load = Load(_front(app_name))
+    before = users.counts(_front(app_name))
     child, events = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path)
     try:
         _wait(lambda: _weights(router, app_name)[1] == 20, 180, "the canary at 20%")
@@ -261,10 +246,11 @@ def test_a_stalled_promotion_that_comes_back_stops_without_touching_the_weights(
         while child.poll() is None:
             seen.add(_weights(router, app_name))
             time.sleep(0.02)
+        # Every request sent while it stalled and came back, up to a run that ended after.
+        failed = users.next_runs(_front(app_name), 1).since(before).failed
     finally:
         if child.poll() is None:
             child.kill()
-        _, failed = load.stop()
     recorded = _child_events(events)
     raised = next(e for e in recorded if e["event"] == "child.raised")
     rolled = next(e for e in recorded if e["event"] == "canary.rolled-back")
@@ -277,14 +263,14 @@ def test_a_stalled_promotion_that_comes_back_stops_without_touching_the_weights(
 
 
 def test_a_cancelled_promotion_rolls_back_before_it_ends(
-    prefect_harness: None, stable: BuildResult, app_repo: AppRepo, app_name: str,
-    build_creds: BuildCredentials, deploy_creds: DeployCredentials, traffic: Traffic,
-    docker_client: docker.DockerClient, tmp_path: Path,
+    prefect_harness: None, stable: BuildResult, users: LoadGenerator, app_repo: AppRepo,
+    app_name: str, build_creds: BuildCredentials, deploy_creds: DeployCredentials,
+    traffic: Traffic, docker_client: docker.DockerClient, tmp_path: Path,
 ) -> None:
     # A process worker cancels a run with SIGTERM; the flow engine raises TerminationSignal.
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
     router = HaproxyRouter(traffic.router_dir)
-    load = Load(_front(app_name))
+    before = users.counts(_front(app_name))
     child, events = _spawn_rollout(v2, app_name, deploy_creds, traffic, tmp_path, in_flow=True)
     try:
         _wait(lambda: _weights(router, app_name)[1] == 20, 180, "the canary at 20%")
@@ -293,10 +279,10 @@ def test_a_cancelled_promotion_rolls_back_before_it_ends(
         on_stable = _wait(lambda: _weights(router, app_name) == (100, 0), 4 * WINDOW,
                           "100% on stable")
         child.wait(60)
+        failed = users.next_runs(_front(app_name), 1).since(before).failed
     finally:
         if child.poll() is None:
             child.kill()
-        _, failed = load.stop()
     rolled = next(e for e in _child_events(events) if e["event"] == "canary.rolled-back")
     print(f"\nFIGURE SIGTERM (cancellation) at 20%: 100% on stable {on_stable - terminated:.2f}s "
           f"after the signal; {failed} failed requests; reason: {rolled['reason'][:80]}")
@@ -344,7 +330,7 @@ class BrokenProvider(MetricsProvider):
 
 
 def test_an_exception_in_the_analysis_rolls_back_before_it_propagates(
-    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    stable: BuildResult, users: LoadGenerator, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
     deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
@@ -361,7 +347,7 @@ def test_an_exception_in_the_analysis_rolls_back_before_it_propagates(
 
 
 def test_prometheus_unreachable_never_promotes(
-    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    stable: BuildResult, users: LoadGenerator, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
     deploy_creds: DeployCredentials, traffic: Traffic, docker_client: docker.DockerClient,
 ) -> None:
     v2 = _build(app_repo, app_name, build_creds, "v2", MESSAGE='"hello v2"')
@@ -380,7 +366,7 @@ def test_prometheus_unreachable_never_promotes(
 
 
 def test_a_failed_verdict_puts_stable_back_within_a_second(
-    stable: BuildResult, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
+    stable: BuildResult, users: LoadGenerator, app_repo: AppRepo, app_name: str, build_creds: BuildCredentials,
     deploy_creds: DeployCredentials, traffic: Traffic,
 ) -> None:
     bad = _build(app_repo, app_name, build_creds, "bad", FAIL_PERMILLE="200")

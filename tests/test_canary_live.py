@@ -3,7 +3,8 @@
 Given two versions of an app (busybox httpd with a CGI script whose error fraction and delay
 can be changed while it runs), HAProxy routing between them, the latency exporter receiving
 HAProxy's request log, and Prometheus scraping both every second,
-when wrk sends traffic and the weights move,
+when the stack's users (infra/loadgen.py: wrk runs in a background process) send traffic
+and the weights move,
 then no request fails on the way, the metrics arrive in Prometheus, and the analysis calls a
 healthy canary Successful and a canary answering 20% errors Failed.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import pytest
 
 from infra.haproxy import Router
 from infra.latency_exporter import LatencyExporter, start_latency_exporter
+from infra.loadgen import LoadGenerator, TargetCounts
 from infra.prometheus import PrometheusServer, free_tcp_port, start_prometheus
 from portcullis.canary.analysis import (
     AnalysisLimits,
@@ -39,10 +40,10 @@ from portcullis.canary.analysis import (
     Window,
     decide,
 )
-from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.canary.metrics import CanaryTarget, PrometheusProvider, measure
 from portcullis.errors import ConfigurationError
 from portcullis.router_haproxy import ServerRole
+from tests.support.users import users_at
 
 pytestmark = [
     pytest.mark.slow,
@@ -163,41 +164,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stop()
 
 
-class Load:
-    """wrk running in a background thread for a fixed time."""
-
-    def __init__(
-        self, url: str, seconds: float, rate: float | None = 250.0, connections: int = 8
-    ) -> None:
-        self.result: LoadResult | None = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.result = run_load(
-                    url, duration_seconds=seconds, connections=connections, rate_per_second=rate
-                )
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-                self.error = exc
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def wait(self) -> LoadResult:
-        """Wait for wrk to finish and return its result."""
-        self._thread.join(timeout=120)
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None, "wrk did not finish"
-        return self.result
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _run_canary(stack: Stack, policy: CanaryPolicy) -> Verdict:
-    """Drive the policy's steps the way the promote flow will: weight, window, measure."""
+def _ran_past(moment: datetime) -> Callable[[TargetCounts], bool]:
+    """The users completed a run that ended after ``moment``."""
+    return lambda counts: (counts.last_run_end or 0.0) >= moment.timestamp()
+
+
+def _run_canary(stack: Stack, policy: CanaryPolicy, users: LoadGenerator) -> Verdict:
+    """Drive the policy's steps the way the promote flow does: weight, window, measure; each
+    window is measured once the users' requests went on past its end."""
     provider = PrometheusProvider(stack.prometheus.url, settle_seconds=2.0)
     target = CanaryTarget(backend=f"{APP}.{ENV}")
     measurements: list[Measurement] = []
@@ -213,7 +191,7 @@ def _run_canary(stack: Stack, policy: CanaryPolicy) -> Verdict:
                 start=start,
                 end=start + timedelta(seconds=policy.steps[verdict.next_step].window_seconds),
             )
-            time.sleep(max(0.0, (window.end - _now()).total_seconds()))
+            users.wait_for(stack.url, _ran_past(window.end), what="requests past the window's end")
             measurements.append(
                 measure(
                     provider,
@@ -243,26 +221,26 @@ _TEST_LIMITS = AnalysisLimits(
 )
 
 
-def test_weights_move_live_without_failed_requests(stack: Stack) -> None:
+def test_weights_move_live_without_failed_requests(stack: Stack, tmp_path: Path) -> None:
     """Weights and addresses change under load, even across a reload, and nothing fails."""
     stack.stable.behave()
     stack.canary.behave()
     stack.router.point_canary(APP, ENV, stack.canary.port)
     started = _now()
-    load = Load(stack.url, seconds=7)
-    time.sleep(1)
-    for percent in (20, 50, 80):
-        stack.router.set_canary_weight(APP, ENV, percent)
-        assert stack.router.runtime.get_weight(f"{APP}.{ENV}", "canary") == percent
-        assert stack.router.runtime.get_weight(f"{APP}.{ENV}", "stable") == 100 - percent
-        time.sleep(1)
-    # A new route means a new config: HAProxy reloads (-x, -sf) while wrk keeps going.
-    stack.router.ensure_route(
-        "other", ENV, listen_port=free_tcp_port(), stable_port=stack.stable.port
-    )
-    time.sleep(1)
-    stack.router.set_canary_weight(APP, ENV, 0)
-    result = load.wait()
+    with users_at(stack.url, tmp_path / "users", rate_per_second=250, connections=8) as users:
+        # After each change the users complete a run of requests before the next one.
+        for percent in (20, 50, 80):
+            stack.router.set_canary_weight(APP, ENV, percent)
+            assert stack.router.runtime.get_weight(f"{APP}.{ENV}", "canary") == percent
+            assert stack.router.runtime.get_weight(f"{APP}.{ENV}", "stable") == 100 - percent
+            users.next_runs(stack.url, 1)
+        # A new route means a new config: HAProxy reloads (-x, -sf) while wrk keeps going.
+        stack.router.ensure_route(
+            "other", ENV, listen_port=free_tcp_port(), stable_port=stack.stable.port
+        )
+        users.next_runs(stack.url, 1)
+        stack.router.set_canary_weight(APP, ENV, 0)
+        result = users.next_runs(stack.url, 1)
 
     assert result.requests > 500, result
     assert result.http_errors == 0, result
@@ -271,12 +249,19 @@ def test_weights_move_live_without_failed_requests(stack: Stack) -> None:
     assert stack.router.server_state(APP, ENV, ServerRole.CANARY).weight == 0
     assert stack.router.server_state(APP, ENV, ServerRole.STABLE).weight == 100
 
-    # Prometheus saw both servers answer, and the exporter's histograms for both.
-    time.sleep(2)
+    # Prometheus saw both servers answer, and the exporter's histograms for both: waited for
+    # until its scrapes have counted them.
     provider = PrometheusProvider(stack.prometheus.url, settle_seconds=0)
+    deadline = time.monotonic() + 30
     try:
-        window = Window(start=started, end=_now())
-        sample = provider.sample(CanaryTarget(backend=f"{APP}.{ENV}"), window)
+        while True:
+            sample = provider.sample(CanaryTarget(backend=f"{APP}.{ENV}"),
+                                     Window(start=started, end=_now()))
+            sides = (sample.canary, sample.baseline)
+            if all(s.requests > 50 and s.latency_samples > 50 for s in sides):
+                break
+            assert time.monotonic() < deadline, f"Prometheus never counted both servers: {sample}"
+            time.sleep(0.2)
     finally:
         provider.close()
     assert sample.canary.requests > 50 and sample.baseline.requests > 50, sample
@@ -314,7 +299,7 @@ def test_malformed_promql_is_a_configuration_error(stack: Stack) -> None:
         provider.close()
 
 
-def test_healthy_canary_is_successful(stack: Stack) -> None:
+def test_healthy_canary_is_successful(stack: Stack, tmp_path: Path) -> None:
     """Given a canary as good as stable, every step passes and the verdict is Successful."""
     stack.stable.behave(error_permille=0)
     stack.canary.behave(error_permille=0)
@@ -323,17 +308,17 @@ def test_healthy_canary_is_successful(stack: Stack) -> None:
         steps=(CanaryStep(weight=30, window_seconds=3), CanaryStep(weight=50, window_seconds=3)),
         limits=_TEST_LIMITS,
     )
-    load = Load(stack.url, seconds=13)
-    time.sleep(0.5)
-    verdict = _run_canary(stack, policy)
-    result = load.wait()
+    with users_at(stack.url, tmp_path / "users", rate_per_second=250, connections=8) as users:
+        before = users.counts(stack.url)
+        verdict = _run_canary(stack, policy, users)
+        result = users.next_runs(stack.url, 1).since(before)
 
     assert verdict.phase is AnalysisPhase.SUCCESSFUL, verdict.reason
     assert [a.measurement.weight for a in verdict.assessments] == [30, 50]
     assert result.http_errors == 0 and result.socket_errors == 0
 
 
-def test_canary_with_20_percent_errors_fails(stack: Stack) -> None:
+def test_canary_with_20_percent_errors_fails(stack: Stack, tmp_path: Path) -> None:
     """Given a canary that answers 20% errors, the first step fails the analysis."""
     stack.stable.behave(error_permille=0)
     stack.canary.behave(error_permille=200)
@@ -342,12 +327,12 @@ def test_canary_with_20_percent_errors_fails(stack: Stack) -> None:
         steps=(CanaryStep(weight=30, window_seconds=3), CanaryStep(weight=50, window_seconds=3)),
         limits=_TEST_LIMITS,
     )
-    load = Load(stack.url, seconds=8)
-    time.sleep(0.5)
     try:
-        verdict = _run_canary(stack, policy)
+        with users_at(stack.url, tmp_path / "users", rate_per_second=250, connections=8) as users:
+            before = users.counts(stack.url)
+            verdict = _run_canary(stack, policy, users)
+            result = users.next_runs(stack.url, 1).since(before)
     finally:
-        result = load.wait()
         stack.canary.behave()
 
     assert verdict.phase is AnalysisPhase.FAILED, verdict.reason
@@ -362,7 +347,7 @@ def test_canary_with_20_percent_errors_fails(stack: Stack) -> None:
     assert result.http_errors > 0
 
 
-def test_slow_canary_fails_on_latency(stack: Stack) -> None:
+def test_slow_canary_fails_on_latency(stack: Stack, tmp_path: Path) -> None:
     """Given a canary 300 ms slower than stable, both latency checks fail it."""
     stack.stable.behave(delay_ms=0)
     stack.canary.behave(delay_ms=300)
@@ -376,12 +361,10 @@ def test_slow_canary_fails_on_latency(stack: Stack) -> None:
     # Slow answers hold connections, so the load runs uncapped. It stays at 8 connections:
     # busybox httpd listens with a backlog of 9, and a fuller accept queue can drop handshakes
     # whose retransmissions would show up as 200-1000 ms stalls of the stable server.
-    load = Load(stack.url, seconds=11, rate=None)
-    time.sleep(0.5)
     try:
-        verdict = _run_canary(stack, policy)
+        with users_at(stack.url, tmp_path / "users", rate_per_second=None, connections=8) as users:
+            verdict = _run_canary(stack, policy, users)
     finally:
-        load.wait()
         stack.canary.behave()
 
     assert verdict.phase is AnalysisPhase.FAILED, verdict.reason

@@ -7,6 +7,7 @@ import itertools
 import json
 import shutil
 import socket
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,10 +16,10 @@ import httpx
 import pytest
 
 from infra.latency_exporter import BUCKETS, LatencyRecorder, start_latency_exporter
+from infra.loadgen import LoadGenerator, TargetCounts, run_load
 from infra.prometheus import free_tcp_port
 from infra.prometheus import render_config as render_prometheus_config
 from portcullis.canary.analysis import LatencyHistogram, Sample, ServerWindow, Window
-from portcullis.canary.loadgen import run_load
 from portcullis.canary.metrics import (
     HAPROXY_JOB,
     LATENCY_BUCKETS,
@@ -172,9 +173,13 @@ def test_exporter_process_turns_udp_lines_into_metrics(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "url", ["http://10.0.0.1/", "http://example.com/", "ftp://127.0.0.1/", "http://127.0.0.1.evil/"]
 )
-def test_load_only_goes_to_loopback(url: str) -> None:
+def test_load_only_goes_to_loopback(url: str, tmp_path: Path) -> None:
     with pytest.raises(PolicyRefusal, match="loopback"):
         run_load(url, duration_seconds=1)
+    users = LoadGenerator(tmp_path / "users")
+    with pytest.raises(PolicyRefusal, match="loopback"):
+        users.start(["http://127.0.0.1:1/", url])
+    assert users.running() is None and not (tmp_path / "users" / "config.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -189,6 +194,38 @@ def test_load_only_goes_to_loopback(url: str) -> None:
 def test_load_is_bounded(kwargs: dict[str, float]) -> None:
     with pytest.raises(PolicyRefusal):
         run_load("http://127.0.0.1:1/", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not all(shutil.which(b) for b in ("wrk", "busybox")), reason="needs wrk and busybox")
+def test_the_generator_counts_what_it_sends_and_leaves_closed_doors_alone(tmp_path: Path) -> None:
+    """Given one URL that answers and one whose port is closed, the background generator sends
+    steady requests to the first (counted, none failed), only probes the second, takes new
+    targets while it runs, and ends by itself when its config disappears."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello\n")
+    port = free_tcp_port()
+    httpd = subprocess.Popen(["busybox", "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", str(www)])
+    users = LoadGenerator(tmp_path / "users")
+    served, closed = f"http://127.0.0.1:{port}/index.html", f"http://127.0.0.1:{free_tcp_port()}/"
+    try:
+        pid = users.start([closed], rate_per_second=50, connections=2)
+        users.wait_for(closed, lambda c: c.last_run_end is None and not c.open, timeout=30,
+                       what="the closed door seen closed")
+        assert users.start([closed, served], rate_per_second=50, connections=2) == pid
+        first = users.next_runs(served, 1, timeout=30)
+        two = users.next_runs(served, 2, timeout=30).since(first)
+        assert two.runs == 2 and two.requests >= 50 and two.failed == 0, two
+        assert users.counts(closed) == TargetCounts(url=closed, open=False)
+        (tmp_path / "users" / "config.json").unlink()
+        deadline = time.monotonic() + 30
+        while users.running() is not None:
+            assert time.monotonic() < deadline, "the generator outlived its config"
+            time.sleep(0.05)
+    finally:
+        users.stop()
+        httpd.terminate()
+        httpd.wait(5)
 
 
 # --- measurement wrapper --------------------------------------------------------------------

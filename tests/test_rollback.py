@@ -1,13 +1,13 @@
 """Manual rollback through the real flows, behind the real router, under load.
 
-Given v1 and then v2 promoted to dev (v2 through the canary), when someone rolls dev back,
+Given v1 and then v2 promoted to dev (v2 through the canary, while the stack's users send
+requests through the front door: infra/loadgen.py in the background), when someone rolls dev back,
 then v1 (verified again) serves, not one request fails during the switch, the environment is
 pinned against schedules, and clearing the pin is recorded.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,13 @@ from flows.promote import promote
 from flows.rollback import clear_pin, rollback
 from infra.prometheus import free_tcp_port
 from infra.traffic import Traffic, TrafficPorts, ensure_traffic, stop_traffic
-from portcullis.canary.loadgen import LoadResult, run_load
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal
 from portcullis.promotion_record import verify_promotion
 from portcullis.settings import Settings
 from portcullis.state import open_state
 from tests.conftest import AppRepo, PipelineEnv
+from tests.support.users import users_at
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
               pytest.mark.timeout(600)]
@@ -42,7 +42,6 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     monkeypatch.setenv("PORTCULLIS_POLICY_DIR", str(Path(__file__).resolve().parents[1] / "policies"))
     monkeypatch.setenv("PORTCULLIS_TRAFFIC_DIR", str(state))
     monkeypatch.setenv("PORTCULLIS_PROMETHEUS_URL", traffic.prometheus_url)
-    monkeypatch.setenv("PORTCULLIS_CANARY_SYNTHETIC_LOAD", "true")
     yield traffic
     stop_traffic(state)
 
@@ -54,28 +53,26 @@ def _promote(repo: AppRepo, app: str) -> Any:
 
 def test_rollback_serves_the_previous_digest_without_failing_a_request_and_pins_it(
     prefect_harness: None, pipeline_env: PipelineEnv, traffic: Traffic, app_repo: AppRepo,
-    app_name: str,
+    app_name: str, tmp_path: Path,
 ) -> None:
     v1 = _promote(app_repo, app_name)
-    app_repo.commit_config("v2", MESSAGE='"hello v2"')
-    v2 = _promote(app_repo, app_name)
-    assert v2.canary is not None and v2.canary.phase.value == "Successful"
     front = f"http://127.0.0.1:{port_plan(app_name, 'dev').front}/cgi-bin/hello"
-    assert "hello v2" in httpx.get(front, timeout=5).text
+    with users_at(front, tmp_path / "users") as users:
+        app_repo.commit_config("v2", MESSAGE='"hello v2"')
+        v2 = _promote(app_repo, app_name)
+        assert v2.canary is not None and v2.canary.phase.value == "Successful"
+        assert "hello v2" in httpx.get(front, timeout=5).text
 
-    load: list[LoadResult] = []
-    loader = threading.Thread(target=lambda: load.append(
-        run_load(front, duration_seconds=12, connections=4)))
-    loader.start()
-    deployment = rollback(app=app_name, environment="dev", reason="v2 broke checkout",
-                          requested_by="oncall-olga")
-    loader.join(30)
+        before = users.counts(front)
+        deployment = rollback(app=app_name, environment="dev", reason="v2 broke checkout",
+                              requested_by="oncall-olga")
+        # Every request sent during the rollback, up to a run that ended after it.
+        result = users.next_runs(front, 1).since(before)
 
     assert deployment.image.digest == v1.image.digest
     assert deployment.previous_digest == v2.image.digest
     assert "hello from portcullis" in httpx.get(front, timeout=5).text
-    result = load[0]
-    print(f"\nFIGURE rollback under load: {result.requests} requests, "
+    print(f"\nFIGURE rollback under load: {result.requests} requests in {result.runs} runs, "
           f"{result.http_errors} HTTP errors, {result.socket_errors} socket errors")
     assert result.requests > 100
     assert result.http_errors == 0 and result.socket_errors == 0

@@ -4,8 +4,8 @@
   measurement models, the statistics and the verdict. No I/O.
 * :mod:`portcullis.canary.metrics` -- where measurements come from: the
   :class:`~portcullis.canary.metrics.MetricsProvider` interface and the Prometheus provider.
-* :mod:`portcullis.canary.loadgen` -- a bounded ``wrk`` run against a loopback URL.
 
 The router that splits traffic (HAProxy) and the processes behind the metrics (Prometheus, the
-latency exporter) live in ``infra/``.
+latency exporter) live in ``infra/``, and so does the local stack's traffic
+(``infra/loadgen.py``): the canary judges whatever traffic the environment's users send.
 """

@@ -5,7 +5,8 @@
 * :mod:`portcullis.canary.metrics` -- where measurements come from: the
   :class:`~portcullis.canary.metrics.MetricsProvider` interface and the Prometheus provider.
 
-The router that splits traffic (HAProxy) and the processes behind the metrics (Prometheus, the
-latency exporter) live in ``infra/``, and so does the local stack's traffic
+The router that splits traffic is a deploy target (``portcullis/router_haproxy.py``); the
+processes behind it and behind the metrics (HAProxy, Prometheus, the latency exporter) live in
+``infra/``, and so does the local stack's traffic
 (``infra/loadgen.py``): the canary judges whatever traffic the environment's users send.
 """

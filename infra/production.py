@@ -41,6 +41,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -732,10 +733,14 @@ def up(config: ProductionConfig, *, reset_pools: bool = False) -> ProductionInfo
     notes = [note for side in SIDES
              if (note := _ensure_pool(config, made, POOLS[side], reset_pools)) is not None]
     _ensure_host_queues(config, made)
-    for side in SIDES:
-        _ensure_worker(config, made, side)
-    for host in config.deploy_hosts:
-        _ensure_worker(config, made, "deploy", host)
+    # Side by side: each worker spends its first seconds importing and registering, and none
+    # waits for another.
+    workers: list[tuple[Side, str | None]] = [(side, None) for side in SIDES]
+    workers += [("deploy", host) for host in config.deploy_hosts]
+    with ThreadPoolExecutor(max_workers=len(workers)) as starting:
+        for started in [starting.submit(_ensure_worker, config, made, side, host)
+                        for side, host in workers]:
+            started.result()
     env_lines = [
         f"export PREFECT_API_URL={config.api_url!r}",
         f"export PREFECT_API_AUTH_STRING={made.api_auth_string!r}",

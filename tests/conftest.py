@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import docker
 import pytest
@@ -22,6 +23,9 @@ from infra.docker_engine import DockerEngine, ensure_engine, stop_private_engine
 from infra.registry import RunningRegistry, start_registry, stop_registry
 from tasks.deploy import LABEL_APP
 from tests.support.names import unique_app_name
+
+if TYPE_CHECKING:
+    from tests.support.shared_production import SharedProduction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_APP = REPO_ROOT / "examples" / "hello"
@@ -148,6 +152,17 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session")
+def production_stack(docker_engine: DockerEngine,
+                     registry: RunningRegistry) -> Iterator[SharedProduction]:
+    """One production-like stack (PostgreSQL, Prefect server, Portcullis workers, the shipped
+    deployments) for every module that drives one: see tests/support/shared_production.py."""
+    from tests.support.shared_production import shared_production
+
+    with shared_production(docker_engine, registry) as shared:
+        yield shared
+
+
 def without_canary(policy_text: str) -> str:
     """A policy file's text with its ``[canary]`` tables removed.
 
@@ -216,6 +231,19 @@ def pipeline_env(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return PipelineEnv(home=home, public_key_pem=public_pem)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules that use ``production_stack`` last, one after the other.
+
+    The stack (PostgreSQL, a Prefect server, three polling workers) then runs only while its
+    users do and is taken down as the session ends, instead of idling beside the rest of the
+    suite on a 2-core machine. The order within and among those modules is kept; each still
+    passes alone and in any order.
+    """
+    users = {item.module for item in items
+             if "production_stack" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: getattr(item, "module", None) in users)  # stable
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

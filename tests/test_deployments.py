@@ -19,12 +19,13 @@ runs are triggered through the API or by a schedule, then:
   host B, promotions started on both serialise on the environment lock, a code used on A is
   refused on B, and a pin a rollback on A set holds for a scheduled run on B.
 
-The stack, the deployments and the dev promotion are shared by the module (one build).
+The stack and the deployments are the session's (``production_stack``,
+tests/support/shared_production.py), shared with other modules: this one's records are told
+apart by its app's name and its runs' ids. The dev promotion is shared by the module (one build).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -37,7 +38,6 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-import pyotp
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -49,17 +49,9 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
-from prefect.context import _temporary_global_settings_context, get_settings_context
-from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from infra.daemon import stop_daemon
-from infra.demo_data import (
-    ensure_signing_keys,
-    ensure_trivy_db,
-)
-from infra.docker_engine import DockerEngine
-from infra.production import POOLS, ProductionConfig, down, host_queue, state_urls, up
-from infra.registry import RunningRegistry, free_port
+from infra.production import POOLS, ProductionConfig, host_queue, state_urls, up
 from portcullis.audit import AuditRecord, AuditTrail
 from portcullis.sides import Side
 from portcullis.state import State, open_state_url
@@ -68,26 +60,15 @@ from tasks.gates import ensure_environment_lock, lock_name
 from tests.support.approval_driver import Resumer
 from tests.support.codes import Codes
 from tests.support.names import unique_app_name
-from tests.support.production import (
-    FINAL,
-    deploy_all,
-    pause_shipped_schedules,
-    secrets_found,
-    wait_final,
-)
-from tests.support.promotion_setup import init_app_repo, stack_environment, write_policies
-from tests.support.servicenow import PASSWORD, TableApi, incident_row, serve
+from tests.support.production import FINAL, secrets_found, wait_final
+from tests.support.promotion_setup import init_app_repo
+from tests.support.servicenow import TableApi, incident_row
+from tests.support.shared_production import HOST_B, SECRETS, SharedProduction
 
 pytestmark = [pytest.mark.docker, pytest.mark.prefect_server, pytest.mark.slow,
               pytest.mark.timeout(600)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECRETS = {name: pyotp.random_base32() for name in
-           ("alice", "bob", "carol", "dave", "olga", "oscar", "trent", "erin", "frank", "gina",
-            "hank")}
-GROUPS = {"alice": "security", "bob": "platform", "carol": "platform", "dave": "on-call",
-          "olga": "on-call", "oscar": "on-call", "trent": "developers", "erin": "developers", "frank": "developers",
-          "gina": "developers", "hank": "developers"}
 TICKETS = {"open-p1": "INC0020001", "closed": "INC0020002", "p3": "INC0020003",
            "other-app": "INC0020004", "unknown": "INC0029999"}
 # Tickets for the attacks on the emergency path (each valid when the run starts).
@@ -95,24 +76,6 @@ ATTACK_TICKETS = {"future": "INC0030001", "closes-mid-wait": "INC0030002", "alon
 # Who starts each emergency case: a code is burned once used, so each person starts one run.
 REQUESTERS = {"open-p1": "trent", "closed": "erin", "p3": "frank", "other-app": "gina",
               "unknown": "hank"}
-#: The second deploy host of the stack (the first is the stack's own deploy worker).
-HOST_B = "b"
-
-
-def _policies(directory: Path) -> None:
-    """dev: no approval; staging: one approval; prod: frozen now, with an on-call emergency
-    rule. No canary: the router and its analysis are tested in test_canary_rollout."""
-    write_policies(directory, prod_frozen=True)
-
-
-def _approvers(path: Path) -> None:
-    path.parent.mkdir(mode=0o700)
-    path.write_text("".join(
-        f'[[approver]]\nname = "{n}"\ngroups = ["{GROUPS[n]}"]\naliases = ["{n}@example.com"]\n'
-        f'totp_secret = "{s}"\n\n' for n, s in SECRETS.items()))
-    path.chmod(0o600)
-
-
 #: An unused code of a person's for each call (codes are burned once used).
 code = Codes(SECRETS)
 
@@ -132,7 +95,6 @@ class Stack:
     app: str
     app_repo: Path
     incidents: TableApi
-    deploy_seconds: float
     auth: str
     #: Every secret the setup holds, by name: no log may carry one.
     secrets: dict[str, str]
@@ -167,23 +129,15 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(docker_engine: DockerEngine, registry: RunningRegistry,
-          docker_client: Any) -> Iterator[Stack]:
-    """The production-like stack with the test's engine, registry, policies and incidents."""
-    # mkdtemp under /tmp, not pytest's 0700 temp root: the postgres account must reach it.
-    state = Path(tempfile.mkdtemp(prefix="portcullis-deployments-"))
-    config = ProductionConfig(state_dir=state, postgres_port=free_port(),
-                              prefect_port=free_port(), worker_query_seconds=1,
-                              scheduler_loop_seconds=2, deploy_hosts=(HOST_B,))
-    home, policies, approvers = state / "home", state / "policies", state / "deploy" / "approvers.toml"
-    app, app_repo = unique_app_name(), state / "app"
-    _policies(policies)
-    _approvers(approvers)
+def stack(production_stack: SharedProduction, docker_client: Any) -> Iterator[Stack]:
+    """The session's production-like stack, with this module's app, repository and incidents."""
+    shared = production_stack
+    # mkdtemp under /tmp: the workers read the app repository.
+    scratch = Path(tempfile.mkdtemp(prefix="portcullis-deployments-"))
+    app, app_repo = unique_app_name(), scratch / "app"
     init_app_repo(app_repo)
-    private_pem, password, public_pem = ensure_signing_keys(home)
-    ensure_trivy_db(home / "trivy")
     now = datetime.now(UTC)
-    incidents = TableApi(rows=[
+    rows = [
         incident_row(TICKETS["open-p1"], state="2", priority="1", ci=app, opened=now),
         incident_row(TICKETS["closed"], state="7", priority="1", ci=app, opened=now),
         incident_row(TICKETS["p3"], state="1", priority="3", ci=app, opened=now),
@@ -193,41 +147,23 @@ def stack(docker_engine: DockerEngine, registry: RunningRegistry,
                      opened=now + timedelta(days=1)),
         incident_row(ATTACK_TICKETS["closes-mid-wait"], state="2", priority="1", ci=app, opened=now),
         incident_row(ATTACK_TICKETS["alone"], state="2", priority="1", ci=app, opened=now),
-    ])
-    builder, deployer = registry.account("builder"), registry.account("deployer")
-    with serve(incidents) as incidents_url, pytest.MonkeyPatch.context() as mp:
-        # `up` hands each worker its side's variables and the shared ones from this
-        # environment; nothing else named PORTCULLIS_* reaches a worker.
-        for key, value in stack_environment(
-                home=home, policies=policies, approvers=approvers, registry=registry,
-                docker_host=docker_engine.host, signing=(private_pem, password, public_pem),
-                incidents_url=incidents_url).items():
-            mp.setenv(key, value)
-        try:
-            started = time.monotonic()
-            up(config)
-            print(f"\nproduction stack up: {time.monotonic() - started:.1f}s")
-            auth = json.loads((state / "secrets.json").read_text())["api_auth_string"]
-            # The Resumer's thread reads the process-wide settings, not this context's.
-            with temporary_settings({PREFECT_API_URL: config.api_url,
-                                     PREFECT_API_AUTH_STRING: auth}), \
-                    _temporary_global_settings_context(get_settings_context()):
-                deployed = deploy_all(config, auth)
-                print(f"prefect deploy --all: {deployed:.1f}s")
-                _check_shipped_schedules()
-                pause_shipped_schedules()
-                held = {"build registry password": builder.password,
-                        "deploy registry password": deployer.password,
-                        "cosign key password": password, "API auth string": auth,
-                        "incidents password": PASSWORD,
-                        **{f"TOTP secret of {n}": v for n, v in SECRETS.items()}}
-                yield Stack(config, home, app, app_repo, incidents, deployed, auth, held)
-        finally:
-            down(config)
-            for container in docker_client.containers.list(
-                    all=True, filters={"label": f"{LABEL_APP}={app}"}):
-                container.remove(force=True)
-            shutil.rmtree(state, ignore_errors=True)
+    ]
+    shared.incidents.rows.extend(rows)
+    try:
+        # The tests bring stopped daemons back with `up`, which rewrites a restarted worker's
+        # file from this environment; the Resumer's thread reads the process-wide settings.
+        with shared.stack_environment(), shared.client_settings():
+            _check_shipped_schedules()
+            yield Stack(shared.config, shared.home, app, app_repo, shared.incidents, shared.auth,
+                        shared.secrets)
+    finally:
+        for row in rows:
+            shared.incidents.rows.remove(row)
+        for container in docker_client.containers.list(
+                all=True, filters={"label": f"{LABEL_APP}={app}"}):
+            container.remove(force=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        shared.restore()
 
 
 def _check_shipped_schedules() -> None:
@@ -628,6 +564,9 @@ def test_each_flow_refuses_to_run_on_the_other_sides_pool(stack: Stack) -> None:
             wrong[deployment] = client.create_flow_run_from_deployment(
                 moved, parameters=parameters, name=f"{stack.app}-wrong-side")
         done = {d: wait_final(client, r.id) for d, r in wrong.items()}
+        for run in wrong.values():  # the stack is shared: leave only the shipped deployments
+            assert run.deployment_id is not None
+            client.delete_deployment(run.deployment_id)
     # Each pool's worker runs only the deployments its host configured for it.
     sides: tuple[tuple[str, Side], ...] = (("build-release/build", "deploy"),
                                            ("promote-staging/staging", "build"))
@@ -742,7 +681,10 @@ def test_two_deploy_hosts_share_one_truth(stack: Stack, dev: DevPromotion) -> No
         with httpx.Client(base_url=stack.config.api_url, auth=tuple(stack.auth.split(":", 1)),  # type: ignore[arg-type]
                           timeout=10) as api:
             # The operator routes staging's schedule to host B for a while.
-            moved = api.patch(f"/deployments/{staging.id}", json={"work_queue_name": host_queue(HOST_B)})
+            # With the pool named: a queue name alone is looked up among every pool's queues
+            # (the server has a "default" queue in each), and may land in another pool.
+            moved = api.patch(f"/deployments/{staging.id}", json={
+                "work_pool_name": POOLS["deploy"], "work_queue_name": host_queue(HOST_B)})
             assert moved.status_code == 204, moved.text
             try:
                 earlier = {r.id for r in _runs_of(client, staging.id, stack.app)}
@@ -758,8 +700,9 @@ def test_two_deploy_hosts_share_one_truth(stack: Stack, dev: DevPromotion) -> No
                 finally:
                     client.delete_deployment_schedule(staging.id, schedule.id)
             finally:
-                assert api.patch(f"/deployments/{staging.id}",
-                                 json={"work_queue_name": "default"}).status_code == 204
+                assert api.patch(f"/deployments/{staging.id}", json={
+                    "work_pool_name": POOLS["deploy"], "work_queue_name": "default"}
+                                 ).status_code == 204
         fired = wait_final(client, fired.id)
     assert fired.state_name == "Completed" and _ran_on(stack, fired) == [HOST_B]
     (skipped,) = [r for r in stack.audit.run_records(str(fired.id)) if r.event == "promotion.skipped"]

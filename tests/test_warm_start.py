@@ -1,8 +1,9 @@
 """Warm starts (issue 12): the Portcullis worker forks runs from a pre-imported parent.
 
-Given the production-like setup (PostgreSQL, a Prefect server) and a Portcullis worker of the
-test's own (its own pool, a worker file mapping ``rollback/rollback`` to
-tests/support/warm_flows.py:hold), a deployment run is forked from the worker's warm parent
+Given the production-like setup (PostgreSQL, a Prefect server: the session's, see
+tests/support/shared_production.py) and a Portcullis worker of the test's own (its own pool, a
+worker file mapping ``rollback/rollback`` to tests/support/warm_flows.py:hold, the shipped
+deployment moved to that pool and entrypoint while the module runs), a deployment run is forked from the worker's warm parent
 (its process's parent is the zygote, its pid is the run's ``infrastructure_pid``) and
 completes; an API cancel ends it Cancelled; a SIGKILL of the flow process ends it Crashed;
 killing the warm parent mid-run ends the run Crashed and the next run starts from a new
@@ -11,7 +12,6 @@ parent; a run with job variables is still refused before anything starts.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -28,17 +28,16 @@ import httpx
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 
 from infra.daemon import running_pid, start_daemon, stop_daemon
 from infra.prefect_server import prefect_env
-from infra.production import ProductionConfig, down, up
-from infra.registry import free_port
+from infra.production import ProductionConfig
 from portcullis.sides import WorkerConfig
 from portcullis.worker import locked_base_job_template
 from portcullis.zygote import process_ended
 from tests.support.production import REPO_ROOT, wait_final
+from tests.support.shared_production import SharedProduction
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow, pytest.mark.prefect_server]
 POOL = "portcullis-warm-test"
@@ -51,10 +50,12 @@ class Setup:
 
     config: ProductionConfig
     markers: Path
+    #: The warm worker's folder: its file, pid and log.
+    worker_dir: Path
 
     @property
     def worker_pid(self) -> int:
-        pid = running_pid(self.config.state_dir / "worker-warm.pid")
+        pid = running_pid(self.worker_dir / "worker-warm.pid")
         assert pid is not None, "the warm worker is not running"
         return pid
 
@@ -82,49 +83,70 @@ def zygote_pid(setup: Setup) -> int:
     raise AssertionError("the worker runs no warm parent")
 
 
+#: What the module changes on the shipped ``rollback/rollback`` deployment while it runs.
+MOVED = ("work_pool_name", "work_queue_name", "entrypoint", "enforce_parameter_schema")
+
+
 @pytest.fixture(scope="module")
-def setup() -> Iterator[Setup]:
-    """PostgreSQL, a Prefect server, and a Portcullis worker with the test flows."""
+def setup(production_stack: SharedProduction) -> Iterator[Setup]:
+    """The session's PostgreSQL and Prefect server, and a Portcullis worker with the test flows.
+
+    The worker may run only deployments the deploy side knows, so it runs ``rollback/rollback``:
+    the shipped one, moved to the test's pool and entrypoint while the module runs, then put
+    back as it was.
+    """
+    shared = production_stack
     state = Path(tempfile.mkdtemp(prefix="portcullis-warm-"))
-    config = ProductionConfig(state_dir=state, postgres_port=free_port(),
-                              prefect_port=free_port(), worker_query_seconds=1)
     markers = state / "markers"
     markers.mkdir()
+    api = httpx.Client(base_url=shared.config.api_url,
+                       auth=tuple(shared.auth.split(":", 1)), timeout=10)  # type: ignore[arg-type]
+    shipped: dict[str, Any] | None = None
     try:
-        up(config)
-        auth = json.loads((state / "secrets.json").read_text())["api_auth_string"]
-        with httpx.Client(base_url=config.api_url, auth=tuple(auth.split(":", 1)),  # type: ignore[arg-type]
-                          timeout=10) as api:
-            api.post("/work_pools/", json={"name": POOL, "type": "process",
-                                           "base_job_template": locked_base_job_template()}
-                     ).raise_for_status()
+        api.post("/work_pools/", json={"name": POOL, "type": "process",
+                                       "base_job_template": locked_base_job_template()}
+                 ).raise_for_status()
 
-            def online() -> bool:
-                found = api.post(f"/work_pools/{POOL}/workers/filter", json={})
-                return any(w["status"] == "ONLINE" for w in found.json())
+        def online() -> bool:
+            found = api.post(f"/work_pools/{POOL}/workers/filter", json={})
+            return any(w["status"] == "ONLINE" for w in found.json())
 
-            path = state / "worker-warm.toml"
-            path.write_text(WorkerConfig(
-                side="deploy", pool=POOL, name="warm-test", checkout=REPO_ROOT,
-                deployments={"rollback/rollback": ENTRY,
-                             "clear-pin/clear-pin": "tests/support/warm_flows.py:second"},
-                environment={"PORTCULLIS_HOME": str(state / "home")}, start="warm").to_toml())
-            path.chmod(0o600)
-            env = prefect_env(state / "worker-warm", config.prefect_port)
-            env.update(PREFECT_API_AUTH_STRING=auth, PREFECT_WORKER_QUERY_SECONDS="1")
-            start_daemon("worker-warm", [sys.executable, "-m", "portcullis.worker", "--side",
-                                         "deploy", "--config", str(path)],
-                         state_dir=state, env=env, ready=online, timeout=180)
-        with temporary_settings({PREFECT_API_URL: config.api_url, PREFECT_API_AUTH_STRING: auth}):
+        path = state / "worker-warm.toml"
+        path.write_text(WorkerConfig(
+            side="deploy", pool=POOL, name="warm-test", checkout=REPO_ROOT,
+            deployments={"rollback/rollback": ENTRY,
+                         "clear-pin/clear-pin": "tests/support/warm_flows.py:second"},
+            environment={"PORTCULLIS_HOME": str(state / "home")}, start="warm").to_toml())
+        path.chmod(0o600)
+        env = prefect_env(state / "worker-warm", shared.config.prefect_port)
+        env.update(PREFECT_API_AUTH_STRING=shared.auth, PREFECT_WORKER_QUERY_SECONDS="1")
+        start_daemon("worker-warm", [sys.executable, "-m", "portcullis.worker", "--side",
+                                     "deploy", "--config", str(path)],
+                     state_dir=state, env=env, ready=online, timeout=180)
+        with shared.client_settings():
             with get_client(sync_client=True) as client:
-                flow_id = client.create_flow_from_name("rollback")
-                client.create_deployment(flow_id=flow_id, name="rollback", work_pool_name=POOL,
-                                         entrypoint=ENTRY)
-            yield Setup(config, markers)
+                deployment = client.read_deployment_by_name("rollback/rollback")
+                shipped = {name: getattr(deployment, name) for name in MOVED}
+                moved = api.patch(f"/deployments/{deployment.id}", json={
+                    "work_pool_name": POOL, "work_queue_name": "default", "entrypoint": ENTRY,
+                    "enforce_parameter_schema": False})
+                assert moved.status_code == 204, moved.text
+            yield Setup(shared.config, markers, state)
     finally:
-        stop_daemon("worker-warm", state_dir=state)
-        down(config)
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            if shipped is not None:
+                with shared.client_settings(), get_client(sync_client=True) as client:
+                    deployment = client.read_deployment_by_name("rollback/rollback")
+                    back = api.patch(f"/deployments/{deployment.id}", json=shipped)
+                    assert back.status_code == 204, back.text
+                    again = client.read_deployment_by_name("rollback/rollback")
+                    assert {name: getattr(again, name) for name in MOVED} == shipped
+        finally:
+            stop_daemon("worker-warm", state_dir=state)
+            api.delete(f"/work_pools/{POOL}")
+            api.close()
+            shutil.rmtree(state, ignore_errors=True)
+            shared.restore()
 
 
 def _start(setup: Setup, client: SyncPrefectClient, name: str, **kwargs: Any) -> UUID:

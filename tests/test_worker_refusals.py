@@ -11,20 +11,20 @@ variables or entrypoint, then the worker starts nothing: the run ends Failed wit
 and ``worker.refused`` is in the state store the deploy side's flows append to (PostgreSQL),
 where ``python -m portcullis.audit verify`` checks it. A changed pull step is never run.
 Normal and scheduled runs still complete, and no log carries a secret of the setup.
+
+The setup is the session's (``production_stack``, tests/support/shared_production.py), shared
+with other modules: each attack puts back what it changed, and this module reads only the
+records made since it began.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 from uuid import uuid4
 
 import httpx
-import pyotp
 import pytest
 from prefect import flow
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -42,7 +41,6 @@ from prefect.client.schemas.objects import FlowRun, State, WorkPool
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 from prefect.exceptions import Pause
-from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect.states import Paused, Running, Suspended
 from prefect.workers.process import ProcessWorker
 
@@ -50,12 +48,9 @@ from infra.production import (
     ENTRYPOINTS,
     POOLS,
     ProductionConfig,
-    down,
     state_urls,
-    up,
     worker_config_path,
 )
-from infra.registry import free_port
 from portcullis.audit import AuditRecord
 from portcullis.errors import ConfigurationError
 from portcullis.sides import (
@@ -74,13 +69,8 @@ from portcullis.worker import (
     waits_without_process,
 )
 from tasks.approval import termination_deferred
-from tests.support.production import (
-    REPO_ROOT,
-    deploy_all,
-    pause_shipped_schedules,
-    secrets_found,
-    wait_final,
-)
+from tests.support.production import REPO_ROOT, secrets_found, wait_final
+from tests.support.shared_production import SharedProduction
 
 IMAGE = "127.0.0.1:1/portcullis/hello@sha256:" + "ab" * 32
 pytestmark = [pytest.mark.timeout(600)]
@@ -358,6 +348,8 @@ class Setup:
     home: Path
     approvers: Path
     secrets: dict[str, str]
+    #: The last record of the shared store before this module began (-1: none).
+    since: int = -1
 
     @property
     def audit(self) -> StoreAuditLog:
@@ -365,8 +357,8 @@ class Setup:
         return open_state_url(state_urls(self.config)[0]).audit_log()
 
     def recorded(self) -> list[AuditRecord]:
-        """Everything recorded, in order."""
-        return self.audit.records()
+        """Everything recorded since this module began, in order (the store is the session's)."""
+        return [r for r in self.audit.records() if r.seq > self.since]
 
     def events_of(self, run: FlowRun) -> list[str]:
         """Audit events recorded for one run."""
@@ -380,54 +372,19 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup() -> Iterator[Setup]:
-    """Production-like setup with policies, approvers and credentials (no Docker needed)."""
-    state = Path(tempfile.mkdtemp(prefix="portcullis-refusals-"))
-    config = ProductionConfig(state_dir=state, postgres_port=free_port(),
-                              prefect_port=free_port(), worker_query_seconds=1,
-                              scheduler_loop_seconds=2)
-    home, policies = state / "home", state / "policies"
-    approvers = state / "deploy" / "approvers.toml"
-    policies.mkdir()
-    base = 'allowed_branches = ["main"]\nallowed_repositories = ["file://*"]\n'
-    (policies / "dev.toml").write_text('environment = "dev"\n' + base)
-    (policies / "staging.toml").write_text(
-        'environment = "staging"\npromote_from = "dev"\n' + base +
-        '[approval]\nrequired_approvals = 1\ntimeout = "PT5M"\n')
-    totp = {name: pyotp.random_base32() for name in ("alice", "bob")}
-    approvers.parent.mkdir(mode=0o700)
-    approvers.write_text("".join(f'[[approver]]\nname = "{n}"\ngroups = ["platform"]\n'
-                                 f'totp_secret = "{s}"\n\n' for n, s in totp.items()))
-    approvers.chmod(0o600)
-    held = {f"TOTP secret of {n}": s for n, s in totp.items()}
-    held.update({name: secrets.token_urlsafe(18) for name in (
-        "build registry password", "cosign key password", "deploy registry password",
-        "incidents password")})
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "PORTCULLIS_HOME": str(home), "PORTCULLIS_POLICY_DIR": str(policies),
-            "PORTCULLIS_APPROVAL_POLL_SECONDS": "1", "PORTCULLIS_REPO_DIR": str(REPO_ROOT),
-            "PORTCULLIS_BUILD_REGISTRY_PASSWORD": held["build registry password"],
-            "PORTCULLIS_BUILD_COSIGN_PASSWORD": held["cosign key password"],
-            "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": held["deploy registry password"],
-            "PORTCULLIS_INCIDENTS_PASSWORD": held["incidents password"],
-            "PORTCULLIS_APPROVERS_FILE": str(approvers),
-        }.items():
-            mp.setenv(key, value)
-        try:
-            up(config)
-            auth = json.loads((state / "secrets.json").read_text())["api_auth_string"]
-            held["API auth string"] = auth
-            with temporary_settings({PREFECT_API_URL: config.api_url, PREFECT_API_AUTH_STRING: auth}):
-                deploy_all(config, auth)
-                pause_shipped_schedules()
-                # relatime: a read moves atime only while it is older than mtime; make it so.
-                st = approvers.stat()
-                os.utime(approvers, ns=(st.st_mtime_ns - 3600 * 10**9, st.st_mtime_ns))
-                yield Setup(config, auth, home, approvers, held)
-        finally:
-            down(config)
-            shutil.rmtree(state, ignore_errors=True)
+def setup(production_stack: SharedProduction) -> Iterator[Setup]:
+    """The session's production-like setup (tests/support/shared_production.py): policies,
+    approvers, credentials and the shipped deployments."""
+    shared = production_stack
+    # relatime: a read moves atime only while it is older than mtime; make it so.
+    st = shared.approvers.stat()
+    os.utime(shared.approvers, ns=(st.st_mtime_ns - 3600 * 10**9, st.st_mtime_ns))
+    try:
+        with shared.client_settings():
+            yield Setup(shared.config, shared.auth, shared.home, shared.approvers, shared.secrets,
+                        since=shared.audit_mark())
+    finally:
+        shared.restore()  # the attacks above put pools and deployments back; checked here
 
 
 def _run(client: SyncPrefectClient, deployment: str, name: str, **kwargs: Any) -> FlowRun:

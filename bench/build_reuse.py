@@ -24,7 +24,13 @@ from typing import Any
 import docker
 
 from infra.base_image import ensure_base_image
-from infra.demo_data import ensure_signing_keys, ensure_trivy_db, trusted_keys_env
+from infra.demo_data import (
+    ensure_promotion_keys,
+    ensure_signing_keys,
+    ensure_trivy_db,
+    promotion_env,
+    trusted_keys_env,
+)
 from infra.docker_engine import ensure_engine, stop_private_engine
 from infra.registry import start_registry, stop_registry
 from tests.conftest import EXAMPLE_APP, REPO_ROOT, without_canary
@@ -47,7 +53,8 @@ def _timed(action: Callable[[], Any]) -> tuple[float, Any]:
 
 def _environment(root: Path, engine_host: str) -> dict[str, str]:
     registry = start_registry(root / "registry", users={"builder": secrets.token_urlsafe(12),
-                                                        "deployer": secrets.token_urlsafe(12)})
+                                                        "deployer": secrets.token_urlsafe(12),
+                                                        "promoter": secrets.token_urlsafe(12)})
     build, deploy = registry.account("builder"), registry.account("deployer")
     policies = root / "policies"
     policies.mkdir()
@@ -68,6 +75,11 @@ def _environment(root: Path, engine_host: str) -> dict[str, str]:
         "PORTCULLIS_DEPLOY_REGISTRY_PASSWORD": deploy.password,
         "PORTCULLIS_DEPLOY_DOCKER_HOST": engine_host,
         "PORTCULLIS_DEPLOY_TRUSTED_PUBLIC_KEYS": trusted_keys_env(public_pem),
+        # The deploy side signs the promotion record the next environment trusts, and attaches
+        # it with its own push-only-promotions account.
+        "PORTCULLIS_DEPLOY_PROMOTER_USERNAME": "promoter",
+        "PORTCULLIS_DEPLOY_PROMOTER_PASSWORD": registry.account("promoter").password,
+        **promotion_env(ensure_promotion_keys(home)),
     }
 
 
@@ -98,9 +110,11 @@ def main() -> None:
             first_s, first = _timed(run)
             rebuild_s, nothing = _timed(lambda: run(force_rebuild=True))
             assert nothing is None  # the forced rebuild reproduced the running digest
-            from portcullis.audit import AuditLog
+            from portcullis.settings import Settings
+            from portcullis.state import open_state
 
-            log = AuditLog(Path(os.environ["PORTCULLIS_HOME"]) / "audit" / "audit.jsonl")
+            # The trail the flow wrote: the state store the settings name.
+            log = open_state(Settings()).audit_log()
             builds = [r.digest for r in log.records() if r.event == "build.completed"]
             unchanged, changed = [], []
             for n in range(ROUNDS):

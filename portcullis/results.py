@@ -5,7 +5,9 @@ signed promotion record are made from them.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, model_validator
 
 from portcullis.canary.analysis import AnalysisPhase
 from portcullis.change import WhatChanged
@@ -28,6 +30,17 @@ class CanaryReport(Frozen):
     verdict_at: float | None = Field(
         default=None, exclude=True,
         description="time.monotonic() of a failing verdict, to time the way back to stable")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _without_retired_load(cls, data: Any) -> Any:
+        # Reports written before the product stopped generating traffic carried the
+        # generator's totals as "load". A run that suspended for an Inconclusive canary then
+        # and resumes now reads its report back from the audit trail; the totals are not part
+        # of the decision, so they are dropped rather than refused.
+        if isinstance(data, dict) and "load" in data:
+            return {k: v for k, v in data.items() if k != "load"}
+        return data
 
 
 class SupplyChainTimings(Frozen):

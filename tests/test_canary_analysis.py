@@ -522,3 +522,16 @@ def test_models_refuse_impossible_figures() -> None:
         Measurement(step=0, weight=5, window=Window(start=T0, end=T0 + timedelta(seconds=1)))
     with pytest.raises(ValueError, match="before it starts"):
         Window(start=T0, end=T0)
+
+
+def test_a_report_written_before_the_generator_left_the_product_is_still_read() -> None:
+    """A run suspended for an Inconclusive canary before the upgrade resumes after it."""
+    from portcullis.results import CanaryReport
+
+    stored = {"phase": "Inconclusive", "reason": "too few requests", "steps": ["step 0 (20%)"],
+              "decided_by": "analysis", "seconds_to_stable": None,
+              "load": [{"requests": 1200, "http_errors": 0, "socket_errors": 0}]}
+    report = CanaryReport.model_validate(stored)
+    assert report.reason == "too few requests" and "load" not in report.model_dump()
+    with pytest.raises(ValueError, match="extra"):
+        CanaryReport.model_validate({**stored, "surprise": 1})  # anything else is still refused

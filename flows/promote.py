@@ -96,11 +96,11 @@ def reuse_or_force(
     reused = find_reusable_build(app, source_repo, commit, ref, context_path, audit.log, creds)
     if reused is not None:
         audit.about(reused.image.digest, reused.commit).record(
-                     "build.reused", image=str(reused.image), base_image=reused.base_image,
-                     build_record=reused.record_seq,
-                     reason=f"commit {reused.commit[:12]} on base {reused.base_image} was built "
-                     f"before as this digest (audit record {reused.record_seq}); the build is "
-                     "reproducible, so building again would give the same digest")
+            "build.reused", image=str(reused.image), base_image=reused.base_image,
+            build_record=reused.record_seq,
+            reason=f"commit {reused.commit[:12]} on base {reused.base_image} was built "
+            f"before as this digest (audit record {reused.record_seq}); the build is "
+            "reproducible, so building again would give the same digest")
     return reused
 
 
@@ -283,7 +283,6 @@ def deploy_side(
         status = frozen(datetime.now(UTC))
         audit.record("freeze.bypassed", stage=stage, ticket=emergency.ticket,
                      frozen=status.frozen, summary=status.summary())
-
 
     # Listed before anyone is asked and before traffic moves: it is compared with what runs now.
     what = _what_changed(app, environment, image, provenance, settings, audit, deploy_creds,

@@ -75,12 +75,11 @@ def sign_image_and_provenance(
     Returns:
         Where the signature and the provenance attestation were stored.
     """
-    creds = credentials
     started = time.monotonic()
     # One client and one decrypted key for both: opening the cosign key costs a scrypt run.
     # The key's setup is counted in the signature's time.
-    with creds.registry_client() as client:
-        signer = creds.evidence_signer(client)
+    with credentials.registry_client() as client:
+        signer = credentials.evidence_signer(client)
         signature = _timed("signature", build.image, started, signer.sign_image(build.image))
         started = time.monotonic()
         where = signer.attest(build.image, SLSA_PROVENANCE_V1,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyotp
 
 from infra.demo_data import ensure_approvers
-from infra.loadgen import LoadGenerator
+from infra.loadgen import LoadGenerator, front_door
 from infra.stack import StackConfig, up
 from portcullis.approval import ApproverDirectory
 from portcullis.errors import PortcullisError
@@ -46,11 +46,10 @@ def promote_on_stack(args: argparse.Namespace) -> int:
     import httpx
 
     from flows.promote import promote
-    from portcullis.catalog import probe_paths
-    from portcullis.environments import port_plan
+    from portcullis.catalog import load_catalog, probe_paths
 
     users = LoadGenerator(Path(info.load_status).parent)
-    door = f"http://127.0.0.1:{port_plan(args.app, args.environment).front}{probe_paths(args.app).load}"
+    door = front_door(load_catalog(), args.app, args.environment)
     before = users.counts(door)
     repo = Path(args.source_repo).resolve()
     result = promote(

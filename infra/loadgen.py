@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError
 
 from infra.daemon import running_pid, start_daemon, stop_daemon
+from portcullis.audit import write_atomic
 from portcullis.catalog import Catalog
 from portcullis.environments import port_plan
 from portcullis.errors import PolicyRefusal, PortcullisError, ToolError
@@ -236,15 +237,6 @@ class TargetCounts(Frozen):
             "last_run_end": ended, "open": True})
 
 
-def _write_json(path: Path, text: str) -> None:
-    """Replace ``path`` atomically (readers never see half a file), owner-only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
-
-
 def _accepts(url: str) -> bool:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -273,8 +265,8 @@ class _Generator:
             counts = self._counts.get(url) or TargetCounts(url=url)
             self._counts[url] = (counts.model_copy(update={"open": False}) if run is None
                                  else counts.plus(run, time.time()))
-            _write_json(self.status_path, json.dumps(
-                {"pid": os.getpid(), "targets": {u: c.model_dump() for u, c in self._counts.items()}}))
+            write_atomic(self.status_path, json.dumps(
+                {"pid": os.getpid(), "targets": {u: c.model_dump() for u, c in self._counts.items()}}).encode())
 
     def _stream(self, url: str, rate: float | None, connections: int, stop: threading.Event) -> None:
         was_open: bool | None = None
@@ -338,7 +330,7 @@ class _Generator:
 
     def _publish_empty(self) -> None:
         with self._lock:
-            _write_json(self.status_path, json.dumps({"pid": os.getpid(), "targets": {}}))
+            write_atomic(self.status_path, json.dumps({"pid": os.getpid(), "targets": {}}).encode())
 
 
 class LoadGenerator:
@@ -376,7 +368,7 @@ class LoadGenerator:
         except ValidationError as exc:
             raise PolicyRefusal(f"invalid load generator settings: {exc.errors()[0]['msg']}") from None
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.state_dir / "config.json", config.model_dump_json())
+        write_atomic(self.state_dir / "config.json", config.model_dump_json().encode())
         if self.running() is None:
             self.status_path.unlink(missing_ok=True)
         repo = Path(__file__).resolve().parents[1]
@@ -425,11 +417,15 @@ class LoadGenerator:
                              what=f"{runs} more completed run(s) against {url}")
 
 
+def front_door(catalog: Catalog, app: str, environment: str, host: str = "127.0.0.1") -> str:
+    """The URL the stack's users ask for ``app`` in ``environment``: its front door, load path."""
+    return f"http://{host}:{port_plan(app, environment).front}{catalog.probe_paths(app).load}"
+
+
 def stack_targets(catalog: Catalog, host: str = "127.0.0.1") -> tuple[str, ...]:
     """Every catalog app's front door in each of its environments, at its load path."""
-    return tuple(
-        f"http://{host}:{port_plan(app.name, environment).front}{catalog.probe_paths(app.name).load}"
-        for app in catalog.apps for environment in app.environments)
+    return tuple(front_door(catalog, app.name, environment, host)
+                 for app in catalog.apps for environment in app.environments)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,6 @@ Environment = Literal["dev", "staging", "prod"]
 @flow(name="rollback", log_prints=True)
 def rollback(
     app: str, environment: Environment, reason: str, requested_by: str,
-    deploy_credentials_block: str | None = None,
 ) -> Deployment | GitOpsCommit:
     """Roll ``app`` in ``environment`` back to the digest it ran before, and pin it.
 
@@ -47,7 +46,6 @@ def rollback(
         environment: dev, staging or prod.
         reason: why (kept in the audit trail and on the pin).
         requested_by: who asked; recorded as the pin's owner.
-        deploy_credentials_block: saved deploy credentials; None reads PORTCULLIS_DEPLOY_*.
 
     Returns:
         What runs now (Docker targets), or the revert commit (GitOps targets).
@@ -59,7 +57,9 @@ def rollback(
         target = deploy_target(policy, settings)
         if target.kind == "gitops":
             return _rollback_gitops(app, environment, reason, requested_by, settings, audit)
-        creds = DeployCredentials.resolve(deploy_credentials_block)
+        # The deploy worker's own credentials (its trust roots among them), never a block a
+        # run names: a parameter is whatever the caller of the Prefect API typed.
+        creds = DeployCredentials.resolve(None)
         client = creds.docker_client()
         try:
             live = find_live(client, app, environment)

@@ -36,3 +36,24 @@ def test_each_flow_resolves_each_side_at_most_once() -> None:
                 twice += [f"{path.name}:{node.name}:{side}" for side in set(sides)
                           if sides.count(side) > 1]
     assert twice == []
+
+
+def test_no_deployed_flow_lets_a_run_name_its_credentials() -> None:
+    """A run's parameters are whatever the caller of the Prefect API typed: a flow the workers
+    run must take its credentials (and with them its trust roots) from the worker's own
+    settings, never from a block the run names."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "deployments.yaml").read_text())
+    entrypoints = sorted({d["entrypoint"] for d in spec["deployments"]})
+    assert "flows/rollback.py:rollback" in entrypoints
+    named: list[str] = []
+    for entrypoint in entrypoints:
+        path, name = entrypoint.split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        named += [f"{entrypoint}({p})" for p in inspect.signature(flow.fn).parameters
+                  if "credential" in p or "block" in p or "key" in p or "trust" in p]
+    assert named == []

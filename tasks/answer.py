@@ -87,10 +87,22 @@ def waiting_runs(app: str, environment: str, *, wait: float = 0.0, schema_wait: 
         time.sleep(0.5)
 
 
+def _paused_runs(client: SyncPrefectClient) -> list[FlowRun]:
+    # The server answers at most its default page (200) per request: read every page, so a
+    # busy server with many paused runs cannot hide the one the operator is looking for.
+    paused = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    runs: list[FlowRun] = []
+    while page := client.read_flow_runs(flow_run_filter=paused, offset=len(runs), limit=200):
+        runs.extend(page)
+        if len(page) < 200:
+            break
+    return runs
+
+
 def _waiting_now(app: str, environment: str, schema_wait: float) -> list[WaitingRun]:
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+        runs = _paused_runs(client)
         flows: dict[UUID, str] = {}
         found = []
         for run in sorted(runs, key=lambda r: str(r.created or ""), reverse=True):

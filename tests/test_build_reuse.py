@@ -19,6 +19,7 @@ from typing import Any
 import docker
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.deployed import promote_staging
 from flows.promote import promote
@@ -49,7 +50,8 @@ def _containers(client: docker.DockerClient, app: str) -> list[str]:
 
 def _artifact(key: str) -> str:
     with get_client(sync_client=True) as client:
-        found = [a for a in client.read_artifacts() if a.key == key]
+        # Asked by key: an unfiltered read returns only one page of the server's artifacts.
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     found.sort(key=lambda a: a.created or 0)  # type: ignore[arg-type, return-value]
     return str(found[-1].data)
 

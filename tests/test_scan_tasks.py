@@ -157,7 +157,8 @@ def test_enforce_raises_after_publishing(harness: None, tmp_path: Path) -> None:
     hex16 = IMAGE.digest.removeprefix("sha256:")[:16]
     assert _task_run(task_run_id).run_count == 1
     with get_client(sync_client=True) as client:
-        published = client.read_artifacts()
-    assert any(
-        a.key == f"scan-findings-{hex16}" and a.task_run_id == task_run_id for a in published
-    )
+        # Asked by key: an unfiltered read returns one page (200) of the session server's
+        # artifacts in id order, which need not include this one.
+        published = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"scan-findings-{hex16}"])))
+    assert any(a.task_run_id == task_run_id for a in published)

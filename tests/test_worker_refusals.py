@@ -37,6 +37,7 @@ import httpx
 import pytest
 from prefect import flow
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun, State, WorkPool
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
@@ -529,8 +530,10 @@ def test_normal_and_scheduled_runs_still_complete(setup: Setup) -> None:
         (schedule,) = client.create_deployment_schedules(deployment.id, hourly)
         try:
             deadline = time.monotonic() + 60
-            while not (fired := [r for r in client.read_flow_runs() if r.auto_scheduled
-                                 and r.deployment_id == deployment.id and r.state_name != "Scheduled"]):
+            # Asked by deployment: an unfiltered read returns only one page of the server's runs.
+            of_reviews = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            while not (fired := [r for r in client.read_flow_runs(deployment_filter=of_reviews)
+                                 if r.auto_scheduled and r.state_name != "Scheduled"]):
                 assert time.monotonic() < deadline, "the schedule did not start a run"
                 time.sleep(0.5)
         finally:

@@ -3,10 +3,8 @@
 * ``promote-catalog`` (local stack): build and promote every catalog app to dev, one subflow
   per app; one app's refusal (a freeze, a failed gate) never stops the others. Staging and
   prod take a verified requester per promotion, so they are promoted per app.
-* ``dora-report`` (scheduled on the deploy pool): the DORA figures as a Prefect artifact and,
-  where the worker is configured with ``PORTCULLIS_DORA_TEXTFILE``, for node-exporter's
-  textfile collector. The path comes from the worker, never from a parameter: parameters are
-  the caller's, and a caller must not choose where the deploy worker writes.
+
+The scheduled ``dora-report`` over the catalog is a deploy-side flow: see :mod:`flows.deployed`.
 
 The scheduled promotions of every app are one deployment per app and environment in
 ``deployments.yaml`` (``dev-greeter``...), not a fan-out: only a run the server's scheduler
@@ -16,17 +14,13 @@ created through the API would not, and staging and prod would rightly refuse the
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.promote import promote
 from portcullis.catalog import load_catalog
-from portcullis.dora import write_textfile
 from portcullis.errors import PortcullisError
-from tasks.board import dora_now, publish_board, publish_dora
+from tasks.board import publish_board
 
 
 @flow(name="promote-catalog", log_prints=True)
@@ -59,18 +53,3 @@ def promote_catalog(commit: str = "HEAD", ref: str = "main", requested_by: str =
     publish_board()
     return outcome
 
-
-@flow(name="dora-report", log_prints=True)
-def dora_report(days: int = 30) -> int:
-    """Publish the DORA figures of the last ``days`` days; returns how many series.
-
-    Args:
-        days: the window, ending now.
-    """
-    figures = dora_now(days=days)
-    publish_dora(figures)
-    textfile = os.environ.get("PORTCULLIS_DORA_TEXTFILE")
-    if textfile:
-        write_textfile(Path(textfile), figures)
-        print(f"wrote {len(figures)} series to {textfile}")
-    return len(figures)

@@ -11,6 +11,12 @@
   app; it may bypass freeze windows and uses the shorter emergency approval rule, and opens a
   post-incident review due in 48 hours.
 * ``post-incident-reviews`` (scheduled) publishes the review status and lists overdue ones.
+* ``dora-report`` (scheduled) publishes the DORA figures as an artifact and, where the worker
+  is configured with ``PORTCULLIS_DORA_TEXTFILE``, for node-exporter's textfile collector. The
+  path comes from the worker, never from a parameter: a caller must not choose where the deploy
+  worker writes.
+* ``rollback`` / ``clear-pin`` (deploy pool) run :mod:`flows.rollback`'s bodies: a person,
+  proven by their requester code where the environment needs approvers, rolls back or unpins.
 
 Each flow checks at run time that it runs under its side's Portcullis worker configuration
 (``portcullis.sides.require_worker_run``): the file the worker names, its side, and exactly its
@@ -19,7 +25,9 @@ PORTCULLIS_* variables.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from uuid import UUID
 
 from prefect import flow
@@ -38,11 +46,14 @@ from flows.promote import (
     refusals_recorded,
     start_run,
 )
+from flows.rollback import Environment, roll_back, unpin
 from portcullis.approval import RequesterProof
 from portcullis.chain import newest_passed, running_in
+from portcullis.dora import write_textfile
 from portcullis.errors import PolicyRefusal, TransientError
+from portcullis.gitops import GitOpsCommit
 from portcullis.incidents import Emergency, Incident, check_emergency_ticket
-from portcullis.models import ReusedBuild
+from portcullis.models import Deployment, ReusedBuild
 from portcullis.policy import emergency_policy, load_policy
 from portcullis.results import BuiltEvidence, PromotionResult
 from portcullis.reviews import REPORT_ARTIFACT_KEY, render_report
@@ -50,6 +61,7 @@ from portcullis.settings import Settings
 from portcullis.sides import Side, require_worker_run
 from portcullis.state import open_state
 from portcullis.summary import skipped_markdown
+from tasks.board import dora_now, publish_dora
 from tasks.gates import RunAudit, freeze_checker, freeze_gate, open_audit_log
 from tasks.promotion import promoted_image
 
@@ -341,3 +353,61 @@ def post_incident_reviews() -> int:
     for review in overdue:
         print(f"OVERDUE: post-incident review of {review.ticket} ({review.app} {review.digest[:19]}) was due {review.due_at.isoformat()}")
     return len(overdue)
+
+
+@flow(name="dora-report", log_prints=True)
+def dora_report(days: int = 30) -> int:
+    """Publish the DORA figures of the last ``days`` days; returns how many series.
+
+    Args:
+        days: the window, ending now.
+    """
+    _side("deploy")
+    figures = dora_now(days=days)
+    publish_dora(figures)
+    textfile = os.environ.get("PORTCULLIS_DORA_TEXTFILE")
+    if textfile:
+        write_textfile(Path(textfile), figures)
+        print(f"wrote {len(figures)} series to {textfile}")
+    return len(figures)
+
+
+@flow(name="rollback", log_prints=True)
+def rollback_deployed(
+    app: str, environment: Environment, reason: str, requested_by: str, requester_code: str = "",
+) -> Deployment | GitOpsCommit:
+    """Roll ``app`` in ``environment`` back to the digest it ran before, and pin it.
+
+    Args:
+        app: application name.
+        environment: dev, staging or prod.
+        reason: why (kept in the audit trail and on the pin).
+        requested_by: who asks (their directory id); recorded as the pin's owner.
+        requester_code: their current code, proving ``requested_by`` (required where the
+            environment's promotions need approvers).
+
+    Returns:
+        What runs now (Docker targets), or the revert commit (GitOps targets).
+    """
+    _side("deploy", app, environment)
+    return roll_back(app, environment, reason, requested_by, requester_code)
+
+
+@flow(name="clear-pin", log_prints=True)
+def clear_pin_deployed(
+    app: str, environment: Environment, requested_by: str, requester_code: str = "",
+) -> str:
+    """Let scheduled promotions touch ``app`` in ``environment`` again.
+
+    Args:
+        app: application name.
+        environment: dev, staging or prod.
+        requested_by: who asks (their directory id).
+        requester_code: their current code, proving ``requested_by`` (required where the
+            environment's promotions need approvers).
+
+    Returns:
+        The digest the pin held.
+    """
+    _side("deploy", app, environment)
+    return unpin(app, environment, requested_by, requester_code)

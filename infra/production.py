@@ -100,10 +100,14 @@ ENTRYPOINTS: dict[Side, dict[str, str]] = {
         "promote-dev/dev": "flows/deployed.py:promote_dev",
         "promote-staging/staging": "flows/deployed.py:promote_staging",
         "promote-prod/prod": "flows/deployed.py:promote_prod",
+        "promote-dev/dev-greeter": "flows/deployed.py:promote_dev",
+        "promote-staging/staging-greeter": "flows/deployed.py:promote_staging",
+        "promote-prod/prod-greeter": "flows/deployed.py:promote_prod",
+        "dora-report/dora": "flows/deployed.py:dora_report",
         "emergency-promote/emergency": "flows/deployed.py:emergency_promote",
         "post-incident-reviews/reviews": "flows/deployed.py:post_incident_reviews",
-        "rollback/rollback": "flows/rollback.py:rollback",
-        "clear-pin/clear-pin": "flows/rollback.py:clear_pin",
+        "rollback/rollback": "flows/deployed.py:rollback_deployed",
+        "clear-pin/clear-pin": "flows/deployed.py:clear_pin_deployed",
     },
 }
 DB_NAME = "prefect"

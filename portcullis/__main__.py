@@ -132,8 +132,13 @@ def _history(app: str, environment: str | None) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from flows.rollback import rollback
 
+    code = ""
+    if args.ask_code:
+        # Not on the command line (ps, shell history): asked for, or read from a pipe.
+        code = (getpass.getpass(f"{args.requested_by}'s code: ") if sys.stdin.isatty()
+                else sys.stdin.readline().strip())
     result = rollback(app=args.app, environment=args.environment, reason=args.reason,
-                      requested_by=args.requested_by)
+                      requested_by=args.requested_by, requester_code=code)
     print(f"{args.app} in {args.environment} now runs {getattr(result, 'image', None) or result}; "
           "pinned against schedules until `clear-pin`")
     return 0
@@ -207,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--app", required=True)
     back.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
     back.add_argument("--reason", required=True)
-    back.add_argument("--requested-by", default=os.environ.get("USER", "unknown"))
+    back.add_argument("--requested-by", default=os.environ.get("USER", "unknown"),
+                      help="your directory id")
+    back.add_argument("--ask-code", action="store_true",
+                      help="prove --requested-by with your current authenticator code (asked for, "
+                      "or read from stdin); required where the environment needs approvers")
     dora = sub.add_parser("dora", help="DORA metrics per app and environment from the audit trail")
     dora.add_argument("--days", type=int, default=30)
     dora.add_argument("--prometheus-textfile", type=Path, default=None,

@@ -32,13 +32,13 @@ Side = Literal["build", "deploy"]
 #: Set by the worker (and only by it) in each flow process: the configuration file it runs under.
 WORKER_CONFIG_VAR = "PORTCULLIS_WORKER_CONFIG"
 
-#: Which deployments (``flow-name/deployment-name``, as in deployments.yaml) each side may run.
-SIDE_DEPLOYMENTS: dict[Side, frozenset[str]] = {
-    "build": frozenset({"build-release/build"}),
+#: Which flows each side may run (a deployment is ``flow-name/deployment-name``, as in
+#: deployments.yaml; one flow may have several deployments, e.g. one per catalog app).
+SIDE_FLOWS: dict[Side, frozenset[str]] = {
+    "build": frozenset({"build-release"}),
     "deploy": frozenset({
-        "promote-dev/dev", "promote-staging/staging", "promote-prod/prod",
-        "emergency-promote/emergency", "post-incident-reviews/reviews",
-        "rollback/rollback", "clear-pin/clear-pin",
+        "promote-dev", "promote-staging", "promote-prod", "emergency-promote",
+        "post-incident-reviews", "dora-report", "rollback", "clear-pin",
     }),
 }
 
@@ -82,7 +82,8 @@ class WorkerConfig(Frozen):
 
     @model_validator(mode="after")
     def _fits_side(self) -> WorkerConfig:
-        foreign = sorted(set(self.deployments) - SIDE_DEPLOYMENTS[self.side])
+        foreign = sorted(key for key in self.deployments
+                         if key.partition("/")[0] not in SIDE_FLOWS[self.side] or not key.partition("/")[2])
         if foreign:
             raise ValueError(f"the {self.side} side may not run {', '.join(foreign)}")
         for key, entrypoint in self.deployments.items():

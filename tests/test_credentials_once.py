@@ -49,7 +49,7 @@ def test_no_deployed_flow_lets_a_run_name_its_credentials() -> None:
 
     spec = yaml.safe_load((ROOT / "deployments.yaml").read_text())
     entrypoints = sorted({d["entrypoint"] for d in spec["deployments"]})
-    assert "flows/rollback.py:rollback" in entrypoints
+    assert "flows/deployed.py:rollback_deployed" in entrypoints
     named: list[str] = []
     for entrypoint in entrypoints:
         path, name = entrypoint.split(":")
@@ -57,3 +57,4 @@ def test_no_deployed_flow_lets_a_run_name_its_credentials() -> None:
         named += [f"{entrypoint}({p})" for p in inspect.signature(flow.fn).parameters
                   if "credential" in p or "block" in p or "key" in p or "trust" in p]
     assert named == []
+

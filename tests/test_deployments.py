@@ -673,7 +673,8 @@ def test_two_deploy_hosts_share_one_truth(stack: Stack, dev: DevPromotion) -> No
         # A pin set on A (a rollback there) holds for a scheduled run on B.
         rolled = wait_final(client, _trigger(
             client, "rollback/rollback", f"{stack.app}-rollback-a", app=stack.app,
-            environment="staging", reason="two-host check", requested_by="gina").id)
+            environment="staging", reason="two-host check", requested_by="gina",
+            requester_code=code("gina")).id)
         assert rolled.state_name == "Completed", (
             f"{rolled.state.message if rolled.state else ''}\n{stack.worker_logs()}")
         assert _ran_on(stack, rolled) == ["a"]

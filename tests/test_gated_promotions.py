@@ -27,6 +27,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 
 from flows.promote import promote
+from flows.rollback import clear_pin, rollback
 from portcullis.errors import PolicyRefusal
 from portcullis.results import PromotionResult
 from portcullis.settings import Settings
@@ -253,6 +254,35 @@ def test_a_requester_cannot_name_someone_else_nor_go_unproven(
     assert refused == [("requester.refused", "unverified", "bob")] * 2 + [
         ("requester.refused", "unverified", "mallory")]
     assert not any(r.event in ("approval.requested", "promotion.completed") for r in records)
+
+
+def test_a_rollback_or_unpin_where_people_approve_needs_a_proven_requester(
+    prefect_harness: None, gated: Path, pipeline_env: PipelineEnv,
+) -> None:
+    # The pin and the signed rollback record name who asked: in staging (approvers needed) the
+    # name must be proven as for a promotion, before anything is looked at or changed.
+    with pytest.raises(PolicyRefusal, match="requester code for bob is wrong"):
+        rollback.with_options(flow_run_name="impersonated-rollback")(
+            app="hello", environment="staging", reason="test", requested_by="bob",
+            requester_code=code("trent"))
+    with pytest.raises(PolicyRefusal, match="needs a verified requester"):
+        rollback.with_options(flow_run_name="unproven-rollback")(
+            app="hello", environment="staging", reason="test", requested_by="bob")
+    with pytest.raises(PolicyRefusal, match="needs a verified requester"):
+        clear_pin.with_options(flow_run_name="unproven-unpin")(
+            app="hello", environment="staging", requested_by="bob")
+    # Proven, the same request goes on, and is refused only for what is true of staging.
+    with pytest.raises(PolicyRefusal, match="not pinned"):
+        clear_pin.with_options(flow_run_name="proven-unpin")(
+            app="hello", environment="staging", requested_by="bob", requester_code=code("bob"))
+    records = open_state(Settings(home=pipeline_env.home)).audit_log().records()
+    refused = [(r.details.get("claimed"), r.run_id) for r in records if r.event == "requester.refused"]
+    assert [claimed for claimed, _ in refused] == ["bob"] * 3
+    established = [r for r in records if r.event == "requester.established"]
+    assert [(r.details["requester"], r.details["proof"]) for r in established][-1:] == [("bob", "totp")]
+    refused_runs = {run for _, run in refused}
+    assert not any(r.event in ("lock.acquired", "environment.pinned", "environment.unpinned")
+                   for r in records if r.run_id in refused_runs)
 
 
 def test_an_author_of_any_commit_in_the_change_cannot_approve(

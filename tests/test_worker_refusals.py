@@ -211,6 +211,9 @@ def test_a_symlinked_worker_file_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("changes", "reason"), [
     ({"side": "build"}, "the build side may not run"),
+    ({"deployments": {"build-release/build": "flows/deployed.py:build_release"}},
+     "the deploy side may not run build-release/build"),
+    ({"deployments": {"promote-dev": "flows/deployed.py:promote_dev"}}, "may not run promote-dev"),
     ({"environment": {"PORTCULLIS_BUILD_COSIGN_PASSWORD": "x"}}, "belongs to the other side"),
     ({"environment": {"PATH": "/tmp"}}, "is not a PORTCULLIS_\\* setting"),
     ({"environment": {WORKER_CONFIG_VAR: "/tmp/x"}}, "is set by the worker"),
@@ -514,6 +517,27 @@ def test_refused_runs_never_read_the_approvers_file(setup: Setup) -> None:
     assert setup.approvers.stat().st_atime_ns >= st.st_mtime_ns
 
 
+def _scheduled_run(client: SyncPrefectClient, name: str, parameters: dict[str, Any]) -> FlowRun:
+    """Add an hourly schedule to deployment ``name`` firing in 4 s, as anyone with the API can;
+    return the run the server's scheduler created, once final (the schedule is removed)."""
+    deployment = client.read_deployment_by_name(name)
+    fire_at = datetime.now(UTC) + timedelta(seconds=4)
+    hourly: list[tuple[SCHEDULE_TYPES, bool]] = [
+        (IntervalSchedule(interval=timedelta(hours=1), anchor_date=fire_at), True)]
+    (schedule,) = client.create_deployment_schedules(deployment.id, hourly, parameters=parameters)
+    try:
+        deadline = time.monotonic() + 60
+        # Asked by deployment: an unfiltered read returns only one page of the server's runs.
+        of_it = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        while not (fired := [r for r in client.read_flow_runs(deployment_filter=of_it)
+                             if r.auto_scheduled and r.state_name != "Scheduled"]):
+            assert time.monotonic() < deadline, f"the schedule of {name} did not start a run"
+            time.sleep(0.5)
+    finally:
+        client.delete_deployment_schedule(deployment.id, schedule.id)
+    return wait_final(client, fired[0].id, timeout=120)
+
+
 @on_setup
 def test_normal_and_scheduled_runs_still_complete(setup: Setup) -> None:
     with get_client(sync_client=True) as client:
@@ -523,23 +547,23 @@ def test_normal_and_scheduled_runs_still_complete(setup: Setup) -> None:
         started = (run.start_time - run.created).total_seconds()  # type: ignore[operator]
         print(f"\nPortcullis worker: trigger -> post-incident-reviews running {started:.1f}s "
               f"(worker poll {setup.config.worker_query_seconds:g} s)")
-        deployment = client.read_deployment_by_name("post-incident-reviews/reviews")
-        fire_at = datetime.now(UTC) + timedelta(seconds=4)
-        hourly: list[tuple[SCHEDULE_TYPES, bool]] = [
-            (IntervalSchedule(interval=timedelta(hours=1), anchor_date=fire_at), True)]
-        (schedule,) = client.create_deployment_schedules(deployment.id, hourly)
-        try:
-            deadline = time.monotonic() + 60
-            # Asked by deployment: an unfiltered read returns only one page of the server's runs.
-            of_reviews = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
-            while not (fired := [r for r in client.read_flow_runs(deployment_filter=of_reviews)
-                                 if r.auto_scheduled and r.state_name != "Scheduled"]):
-                assert time.monotonic() < deadline, "the schedule did not start a run"
-                time.sleep(0.5)
-        finally:
-            client.delete_deployment_schedule(deployment.id, schedule.id)
-        scheduled = wait_final(client, fired[0].id, timeout=120)
+        scheduled = _scheduled_run(client, "post-incident-reviews/reviews", {})
     assert scheduled.state_name == "Completed", scheduled.state
+
+
+@on_setup
+def test_a_schedule_added_to_rollback_rolls_nothing_back(setup: Setup) -> None:
+    # An insider adds a schedule to the rollback deployment, so that prod is rolled back and
+    # pinned "by the scheduler", on nobody's word. The run the server's scheduler creates is
+    # refused before it looks at any environment: only a person rolls back.
+    with get_client(sync_client=True) as client:
+        run = _scheduled_run(client, "rollback/rollback", {
+            "app": "hello", "environment": "prod", "reason": "nightly", "requested_by": "alice"})
+    assert run.state_name == "Failed", run.state
+    assert "a rollback is a person's decision" in str(run.state.message if run.state else "")
+    events = setup.events_of(run)
+    assert "promotion.refused" in events
+    assert not {"lock.acquired", "rollback.completed", "environment.pinned"} & set(events)
 
 
 @on_setup

@@ -20,7 +20,10 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.client.schemas.responses import (
+    ConcurrencyLimitWithLeaseResponse,
+    GlobalConcurrencyLimitResponse,
+)
 
 # The renewal loop of Prefect's own concurrency() (prefect/concurrency/_sync.py), used alone
 # because this lock needs the lease id, which concurrency() keeps to itself.
@@ -213,6 +216,49 @@ def _acquire(client: SyncPrefectClient, name: str, store: LeaseStore[LockLease],
         return granted.lease_id
 
 
+def lock_tampering(limit: GlobalConcurrencyLimitResponse) -> str | None:
+    """Why ``limit`` no longer lets one deploy at a time in (None: it does).
+
+    Anyone with the Prefect API can change a global concurrency limit. A disabled limit grants
+    every request, a larger one lets several runs in, and slot decay frees a held slot by
+    itself: each lets a second promotion deploy alongside the first, silently.
+    """
+    problems = []
+    if not limit.active:
+        problems.append("is disabled (a disabled limit grants every request)")
+    if limit.limit != 1:
+        problems.append(f"allows {limit.limit} at once")
+    if limit.slot_decay_per_second:
+        problems.append(f"frees held slots by decay ({limit.slot_decay_per_second:g}/s)")
+    return "; ".join(problems) or None
+
+
+def _refuse_tampered_lock(client: SyncPrefectClient, name: str, store: LeaseStore[LockLease],
+                          environment: str, audit: RunAudit, lease_id: UUID) -> None:
+    """Give the slot back and refuse when it was granted by a lock someone changed.
+
+    Checked after the grant, so that whatever change let this run in is seen by this run.
+    """
+    problem = lock_tampering(client.read_global_concurrency_limit_by_name(name))
+    if problem is None:
+        with store.locked(environment):
+            other = store.read(environment)
+        if (other is not None and not expired(other, datetime.now(UTC))
+                and other.holder != holder_identity(audit.run_id)):
+            # The holder's heartbeat is live: the server's slot count was reset under it.
+            problem = (f"was granted while {other.holder} still holds it (its heartbeat is live): "
+                       "the slot count was changed")
+    if problem is None:
+        return
+    client.release_concurrency_slots_with_lease(lease_id)
+    audit.record("lock.refused", lock=name, reason=problem)
+    raise ConfigurationError(
+        f"the deploy lock {name} {problem}; refused rather than deploy alongside another run",
+        hint=f"restore it (`prefect gcl update {name} --limit 1 --enable --slot-decay-per-second 0`) "
+             "and find out who changed it",
+    )
+
+
 @contextmanager
 def environment_lock(environment: str, audit: RunAudit, *,
                      window_seconds: float = DEFAULT_WINDOW_SECONDS,
@@ -235,6 +281,7 @@ def environment_lock(environment: str, audit: RunAudit, *,
     store = LeaseStore(state_dir or Settings().home / "locks", LockLease)
     with get_client(sync_client=True) as client:
         lease_id = _acquire(client, name, store, environment, audit, window_seconds)
+        _refuse_tampered_lock(client, name, store, environment, audit, lease_id)
         heartbeat = LeaseKeeper(store, LockLease(
             subject=environment, holder=holder_identity(audit.run_id), pid=os.getpid(),
             host=socket.gethostname(), ttl_seconds=window_seconds,

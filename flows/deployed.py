@@ -44,6 +44,7 @@ from flows.promote import (
     deploy_side,
     establish_requester,
     refusals_recorded,
+    require_catalog_source,
     start_run,
 )
 from flows.rollback import Environment, roll_back, unpin
@@ -176,6 +177,8 @@ def promote_dev(
                                         force_rebuild=force_rebuild)
     with refusals_recorded(audit):
         requester = establish_requester(policy, requested_by, requester_code, audit)
+        # Here too, not only on the build side: refused before anything is handed over.
+        require_catalog_source(app, source_repo, context_path)
         if _held_by_pin(app, "dev", settings, audit):
             return None
         creds = DeployCredentials.resolve(None)

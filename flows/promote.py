@@ -33,7 +33,7 @@ from portcullis.approval import (
     configured_directory,
 )
 from portcullis.canary.metrics import PrometheusProvider
-from portcullis.catalog import catalog_freeze
+from portcullis.catalog import catalog_freeze, load_catalog
 from portcullis.chain import running_in
 from portcullis.change import WhatChanged, change_between, local_repository
 from portcullis.errors import ConfigurationError, PolicyRefusal, PortcullisError, VerificationFailed
@@ -104,6 +104,15 @@ def reuse_or_force(
     return reused
 
 
+def require_catalog_source(app: str, source_repo: str, context_path: str) -> None:
+    """Refuse to build a catalog app from anywhere but its entry (see
+    :meth:`portcullis.catalog.Catalog.source_refusal`); the catalog is this side's own file."""
+    refusal = load_catalog().source_refusal(app, source_repo, context_path)
+    if refusal is not None:
+        raise PolicyRefusal(refusal, hint="promote the app from its catalog entry; moving it "
+                            "means changing apps.toml, which is reviewed like code")
+
+
 def build_with_evidence(
     app: str, source_repo: str, commit: str, ref: str, context_path: str,
     policy: EnvironmentPolicy, settings: Settings, audit: RunAudit, creds: BuildCredentials,
@@ -114,6 +123,7 @@ def build_with_evidence(
     A commit already built on the current base image is not built again: its digest comes
     back as a :class:`ReusedBuild` (unless ``force_rebuild``).
     """
+    require_catalog_source(app, source_repo, context_path)
     reused = reuse_or_force(app, source_repo, commit, ref, context_path, audit, creds, force_rebuild)
     if reused is not None:
         return reused
@@ -121,7 +131,8 @@ def build_with_evidence(
     audit = audit.about(build.image.digest, build.source.commit)
     audit.record("build.completed", image=str(build.image), ref=build.source.ref,
                  author=build.source.author, source=build.source.repo_url,
-                 base_image=build.base_image, forced=force_rebuild)
+                 context=build.source.context_path, base_image=build.base_image,
+                 forced=force_rebuild)
 
     started = time.monotonic()
     # Per run: builds are reproducible, so two runs of one commit share a digest and must not

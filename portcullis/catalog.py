@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -166,6 +166,29 @@ class Catalog(Frozen):
             raise ConfigurationError(f"app {name!r} is not in the catalog (known: {', '.join(self.names)})",
                                      hint="add an [[app]] entry to apps.toml")
         return app
+
+    def source_refusal(self, name: str, source_repo: str, context_path: str) -> str | None:
+        """Why app ``name`` may not be built from ``source_repo`` at ``context_path`` (None: it may).
+
+        An app in the catalog is built only from its entry's repository and directory. A run's
+        parameters are whatever the caller of the Prefect API typed: another repository, or
+        another app's directory in the same one, would ship other code under this app's name,
+        signed by the build side. An app the catalog does not list (a test's, a one-off) is
+        built from where its run says.
+        """
+        app = self.get(name)
+        if app is None:
+            return None
+        wanted = app.source_repo(self.base)
+        given = source_repo if urlsplit(source_repo).scheme else str(Path(source_repo).resolve())
+        problems = []
+        if given != wanted:
+            problems.append(f"repository {source_repo!r} (the catalog's is {wanted!r})")
+        if PurePosixPath(context_path.strip("/") or ".") != PurePosixPath(app.context.strip("/") or "."):
+            problems.append(f"directory {context_path!r} (the catalog's is {app.context!r})")
+        if not problems:
+            return None
+        return f"{name} is built only as the catalog gives it, not from " + " and ".join(problems)
 
     def probe_paths(self, name: str) -> ProbePaths:
         """The app's health and load paths: its entry's, else the catalog's defaults."""

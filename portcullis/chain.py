@@ -92,11 +92,14 @@ def running_in(log: AuditTrail, app: str, environment: str) -> AuditRecord | Non
     return None
 
 
-def built_before(log: AuditTrail, app: str, commit: str, base_image: str | None) -> AuditRecord | None:
-    """The newest ``build.completed`` record of ``app`` at ``commit`` on ``base_image``.
+def built_before(log: AuditTrail, app: str, commit: str, base_image: str | None, *,
+                 source: str, context: str) -> AuditRecord | None:
+    """The newest ``build.completed`` record of ``app`` at ``commit`` on ``base_image``, built
+    from repository ``source`` (its URL as provenance records it) and directory ``context``.
 
-    A record without a base image (written before builds recorded one) never matches: reusing
-    it could hide a changed base. Neither does a build whose evidence was never completed.
+    A record without a base image or a context (written before builds recorded them) never
+    matches: reusing it could hide a changed base, or another directory's code built under
+    this app's name. Neither does a build whose evidence was never completed.
     """
     if base_image is None:
         return None
@@ -107,6 +110,7 @@ def built_before(log: AuditTrail, app: str, commit: str, base_image: str | None)
     for record in reversed(records):
         if (record.event == BUILT and record.app == app and record.commit == commit
                 and record.digest is not None and record.details.get("base_image") == base_image
+                and record.details.get("source") == source and record.details.get("context") == context
                 and (record.run_id, record.digest) in attested):
             return record
     return None

@@ -201,7 +201,8 @@ def find_reusable_build(
     image looked up in the build engine.
     """
     source, base = build_identity(source_repo, commit, ref, context_path, credentials)
-    record = built_before(log, app, source.commit, base)
+    record = built_before(log, app, source.commit, base, source=source.repo_url,
+                          context=source.context_path)
     if record is None or base is None:
         return None
     image = ImageRef.parse(str(record.details.get("image") or ""))

@@ -34,6 +34,20 @@ def test_the_repository_catalog_lists_two_apps_whose_contexts_exist() -> None:
     assert catalog.for_environment("prod") == catalog.apps
 
 
+def test_a_catalog_app_is_built_only_from_its_entry() -> None:
+    catalog = load_catalog(REPO_ROOT / "apps.toml")
+    repo = str(REPO_ROOT)
+    assert catalog.source_refusal("hello", repo, "examples/hello") is None
+    assert catalog.source_refusal("hello", f"{repo}/examples/../", "./examples/hello/") is None
+    # Another app's directory, or another repository, under hello's name.
+    assert "directory 'examples/greeter'" in str(catalog.source_refusal("hello", repo, "examples/greeter"))
+    assert "repository '/tmp/evil'" in str(catalog.source_refusal("hello", "/tmp/evil", "examples/hello"))
+    assert "repository 'https://evil.example/x.git'" in str(
+        catalog.source_refusal("hello", "https://evil.example/x.git", "examples/hello"))
+    # An app the catalog does not list is built from where its run says.
+    assert catalog.source_refusal("one-off", "/tmp/elsewhere", ".") is None
+
+
 @pytest.mark.parametrize(("entry", "names"), [
     ('name = "Bad Name"\nrepository = "."\nenvironments = ["dev"]\nowners = ["x"]', ["app #2", "name"]),
     ('name = "nohealth"\nrepository = "."\nhealth_path = "healthz"\nenvironments = ["dev"]\nowners = ["x"]',

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import shutil
+from pathlib import Path
 
 import docker
 import httpx
@@ -17,6 +18,8 @@ import pytest
 
 from flows.promote import promote
 from portcullis.errors import PolicyRefusal
+from portcullis.settings import Settings
+from portcullis.state import open_state
 from tasks.deploy import LABEL_APP, DeployFailed
 from tests.conftest import AppRepo, PipelineEnv
 
@@ -64,6 +67,20 @@ def test_good_version_passes_every_gate_then_bad_versions_are_refused(
     containers = docker_client.containers.list(all=True, filters={"label": f"{LABEL_APP}={app_name}"})
     assert [c.labels["dev.portcullis.digest"] for c in containers] == [result.image.digest]
     assert httpx.get(url + "cgi-bin/hello", timeout=5).status_code == 200
+
+
+def test_a_catalog_app_built_from_another_directory_is_refused_before_the_build(
+    prefect_harness: None, pipeline_env: PipelineEnv,
+) -> None:
+    # hello, built from greeter's directory of the same repository: greeter's code would run
+    # as hello, signed by the build side. Refused before anything is built or pushed.
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(PolicyRefusal, match="hello is built only as the catalog gives it"):
+        promote(app="hello", environment="dev", source_repo=str(root), commit="HEAD", ref="HEAD",
+                context_path="examples/greeter")
+    events = [r.event for r in open_state(Settings(home=pipeline_env.home)).audit_log().records()
+              if r.app == "hello"]
+    assert events[-1] == "promotion.refused" and "build.completed" not in events
 
 
 def test_no_flow_parameter_can_carry_or_weaken_a_policy() -> None:

@@ -12,6 +12,7 @@ import json
 import secrets
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import docker
 import httpx
@@ -133,16 +134,29 @@ def _record(log: AuditLog, event: str, environment: str, digest: str, commit: st
 
 def test_audit_queries_for_reuse(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl")
-    d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
-    _record(log, "build.completed", "dev", d1, base_image="base@sha256:" + "9" * 64)
-    assert built_before(log, "hello", "a" * 40, "base@sha256:" + "9" * 64) is None  # no evidence yet
+    d1, d2, d3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64
+    base9, base8 = "base@sha256:" + "9" * 64, "base@sha256:" + "8" * 64
+    where = {"source": "file:///src/apps", "context": "hello"}
+
+    def before(commit: str, base: str | None, source: str = "file:///src/apps",
+               context: str = "hello") -> Any:
+        return built_before(log, "hello", commit, base, source=source, context=context)
+
+    _record(log, "build.completed", "dev", d1, base_image=base9, **where)
+    assert before("a" * 40, base9) is None  # no evidence yet
     _record(log, "scan.verdict", "dev", d1)
-    _record(log, "build.completed", "dev", d2, commit="b" * 40, base_image="base@sha256:" + "9" * 64)
+    _record(log, "build.completed", "dev", d2, commit="b" * 40, base_image=base9, **where)
     _record(log, "scan.verdict", "dev", d2, commit="b" * 40)
     _record(log, "build.completed", "dev", d2)  # an old record without a base: never reused
-    assert built_before(log, "hello", "a" * 40, "base@sha256:" + "9" * 64).digest == d1  # type: ignore[union-attr]
-    assert built_before(log, "hello", "a" * 40, "base@sha256:" + "8" * 64) is None
-    assert built_before(log, "hello", "a" * 40, None) is None
+    # Another directory of the same commit (e.g. another app's) built under this app's name.
+    _record(log, "build.completed", "dev", d3, base_image=base9, source="file:///src/apps",
+            context="greeter")
+    _record(log, "scan.verdict", "dev", d3)
+    assert before("a" * 40, base9).digest == d1
+    assert before("a" * 40, base9, context="greeter").digest == d3
+    assert before("a" * 40, base9, source="file:///elsewhere") is None
+    assert before("a" * 40, base8) is None
+    assert before("a" * 40, None) is None
     assert running_in(log, "hello", "dev") is None
     _record(log, "promotion.completed", "dev", d1)
     _record(log, "promotion.completed", "dev", d2)

@@ -161,6 +161,9 @@ class ProductionConfig:
     #: How often the server's scheduler turns deployment schedules into runs (Prefect's
     #: default: 60 s; a deployment changed in the last few seconds is scheduled sooner).
     scheduler_loop_seconds: float = 60.0
+    #: How often the server revokes expired concurrency leases, a dead deploy lock holder's
+    #: among them (Prefect's default: 15 s).
+    repossessor_loop_seconds: float = 15.0
     #: Further deploy workers, each standing for another host: its own state folder
     #: (:meth:`host_dir`, with its own PORTCULLIS_HOME), worker file, logs and work queue
     #: (:func:`host_queue`) of the deploy pool; the same server, state database and registry.
@@ -538,6 +541,7 @@ def _ensure_server(config: ProductionConfig, made: _Secrets) -> int:
     )
     env["PREFECT_SERVER_API_AUTH_STRING"] = made.api_auth_string
     env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = f"{config.scheduler_loop_seconds:g}"
+    env["PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS"] = f"{config.repossessor_loop_seconds:g}"
     prefect = Path(sys.executable).with_name("prefect")
     return start_daemon(
         "prefect-server",

@@ -27,8 +27,10 @@ apart by its app's name and its runs' ids. The dev promotion is shared by the mo
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from uuid import UUID
 import httpx
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -52,11 +55,17 @@ from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 
 from infra.daemon import stop_daemon
 from infra.production import POOLS, ProductionConfig, host_queue, state_urls, up
-from portcullis.audit import AuditRecord, AuditTrail
+from portcullis.audit import AuditLog, AuditRecord, AuditTrail
 from portcullis.sides import Side
 from portcullis.state import State, open_state_url
 from tasks.deploy import LABEL_APP
-from tasks.gates import ensure_environment_lock, lock_name
+from tasks.gates import (
+    PREFECT_MIN_LEASE_SECONDS,
+    RunAudit,
+    ensure_environment_lock,
+    environment_lock,
+    lock_name,
+)
 from tests.support.approval_driver import Resumer
 from tests.support.codes import Codes
 from tests.support.names import unique_app_name
@@ -709,6 +718,59 @@ def test_two_deploy_hosts_share_one_truth(stack: Stack, dev: DevPromotion) -> No
     (skipped,) = [r for r in stack.audit.run_records(str(fired.id)) if r.event == "promotion.skipped"]
     assert str(skipped.details["reason"]).startswith(f"pinned at {dev.digest} by gina")
     stack.state.pins.clear(stack.app, "staging")  # later staging runs start unpinned
+
+
+def test_a_long_held_lock_is_renewed_past_prefects_lease(stack: Stack, tmp_path: Path) -> None:
+    """Prefect's lease on the slot (60 s, the server's minimum) and the heartbeat are renewed:
+    a second promotion waits for the whole hold. This server runs Prefect's repossessor (every
+    2 s here), and a control lease taken just after the lock, never renewed, is repossessed
+    during the hold: the lock's own would have been too, had it not been renewed."""
+    environment = f"long-{secrets.token_hex(3)}"
+    control = f"control-{environment}"
+    log = AuditLog(tmp_path / "audit.jsonl")
+    first = RunAudit(log, "first-run", "lockapp", environment)
+    second = RunAudit(log, "second-run", "lockapp", environment)
+    held = threading.Event()
+    times: dict[str, float] = {}
+
+    def waiter() -> None:
+        held.wait()
+        with environment_lock(environment, second, window_seconds=2.0, state_dir=tmp_path):
+            times["second"] = time.monotonic()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=control, limit=1))
+        try:
+            with environment_lock(environment, first, window_seconds=2.0, state_dir=tmp_path):
+                started = time.monotonic()
+                client.increment_concurrency_slots_with_lease(
+                    names=[control], slots=1, mode="concurrency",
+                    lease_duration=PREFECT_MIN_LEASE_SECONDS)
+                held.set()
+                # Held until the server has taken back the unrenewed control lease.
+                _poll(lambda: "second" in times
+                      or client.read_global_concurrency_limit_by_name(control).active_slots == 0,
+                      PREFECT_MIN_LEASE_SECONDS + 30, "the control lease was never repossessed")
+                assert "second" not in times, "the second run got the lock while it was held"
+                # Still this run's slot: had it been repossessed, it would be free (or briefly
+                # the second run's, which then refuses it: the first's heartbeat is live).
+                assert client.read_global_concurrency_limit_by_name(
+                    lock_name(environment)).active_slots == 1
+                times["released"] = time.monotonic()
+        finally:
+            client.delete_global_concurrency_limit_by_name(control)
+    thread.join(60)
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(lock_name(environment))
+    records = [r.event for r in log.records()]
+    print(f"\nFIGURE lock held {times['released'] - started:.0f}s (Prefect lease "
+          f"{PREFECT_MIN_LEASE_SECONDS:.0f}s, an unrenewed one repossessed by then): the second "
+          f"promotion got it {times['second'] - times['released']:.2f}s after the release")
+    assert times["released"] - started >= PREFECT_MIN_LEASE_SECONDS
+    assert times["second"] >= times["released"]
+    assert "lock.reclaimed" not in records and "lock.refused" not in records
 
 
 def test_no_log_carries_a_secret(stack: Stack, dev: DevPromotion) -> None:

@@ -155,7 +155,8 @@ def shared_production(engine: DockerEngine, registry: RunningRegistry) -> Iterat
     state = Path(tempfile.mkdtemp(prefix="portcullis-production-"))
     config = ProductionConfig(state_dir=state, postgres_port=free_port(),
                               prefect_port=free_port(), worker_query_seconds=1,
-                              scheduler_loop_seconds=2, deploy_hosts=(HOST_B,))
+                              scheduler_loop_seconds=2, repossessor_loop_seconds=2,
+                              deploy_hosts=(HOST_B,))
     home, policies, approvers = state / "home", state / "policies", state / "deploy" / "approvers.toml"
     # dev: no approval; staging: one approval; prod: frozen now, with an on-call emergency
     # rule. No canary: the router and its analysis are tested in test_canary_rollout.

@@ -48,13 +48,17 @@ def promote_on_stack(args: argparse.Namespace) -> int:
     from flows.promote import promote
     from portcullis.catalog import load_catalog, probe_paths
 
+    catalog = load_catalog()
     users = LoadGenerator(Path(info.load_status).parent)
-    door = front_door(load_catalog(), args.app, args.environment)
+    door = front_door(catalog, args.app, args.environment)
     before = users.counts(door)
-    repo = Path(args.source_repo).resolve()
+    # A catalog app is built from its entry (anything else is refused); others from ".".
+    entry = catalog.get(args.app)
+    repo = args.source_repo or (entry.source_repo(catalog.base) if entry else ".")
+    context = args.context_path or (entry.context if entry else ".")
     result = promote(
-        app=args.app, environment=args.environment, source_repo=str(repo), commit=args.commit,
-        ref=args.ref, context_path=args.context_path, image=args.image,
+        app=args.app, environment=args.environment, source_repo=repo if "://" in repo else str(Path(repo).resolve()),
+        commit=args.commit, ref=args.ref, context_path=context, image=args.image,
         requested_by=args.requested_by, requester_code=args.requester_code,
         force_rebuild=args.force_rebuild,
     )
@@ -104,10 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("promote", help="bring up the local stack and promote an app")
     demo.add_argument("--app", default="hello")
     demo.add_argument("--environment", default="dev", choices=["dev", "staging", "prod"])
-    demo.add_argument("--source-repo", default=".")
+    demo.add_argument("--source-repo", default=None,
+                      help="default: the app's catalog entry (for an app outside it: .)")
     demo.add_argument("--commit", default="HEAD")
     demo.add_argument("--ref", default="main")
-    demo.add_argument("--context-path", default="examples/hello")
+    demo.add_argument("--context-path", default=None,
+                      help="default: the app's catalog entry (for an app outside it: .)")
     demo.add_argument("--image", default=None,
                       help="staging/prod: the digest-pinned image that passed the previous environment")
     demo.add_argument("--requested-by", default=os.environ.get("USER", "unknown"),

@@ -46,7 +46,7 @@ def promote_on_stack(args: argparse.Namespace) -> int:
     import httpx
 
     from flows.promote import promote
-    from portcullis.catalog import load_catalog, probe_paths
+    from portcullis.catalog import load_catalog, probe_paths, repository_location
 
     catalog = load_catalog()
     users = LoadGenerator(Path(info.load_status).parent)
@@ -54,11 +54,14 @@ def promote_on_stack(args: argparse.Namespace) -> int:
     before = users.counts(door)
     # A catalog app is built from its entry (anything else is refused); others from ".".
     entry = catalog.get(args.app)
-    repo = args.source_repo or (entry.source_repo(catalog.base) if entry else ".")
+    if args.source_repo or entry is None:
+        repo = repository_location(args.source_repo or ".", Path.cwd())
+    else:
+        repo = entry.source_repo(catalog.base)
     context = args.context_path or (entry.context if entry else ".")
     result = promote(
-        app=args.app, environment=args.environment, source_repo=repo if "://" in repo else str(Path(repo).resolve()),
-        commit=args.commit, ref=args.ref, context_path=context, image=args.image,
+        app=args.app, environment=args.environment, source_repo=repo, commit=args.commit,
+        ref=args.ref, context_path=context, image=args.image,
         requested_by=args.requested_by, requester_code=args.requester_code,
         force_rebuild=args.force_rebuild,
     )

@@ -76,6 +76,12 @@ def _plan(app: str, environment: str, image: str, requested_by: str | None) -> i
     return 3 if plan.refused else 0
 
 
+def _code_of(person: str) -> str:
+    """``person``'s current authenticator code, kept off the command line (ps, shell history):
+    asked for on a terminal, else read from a pipe."""
+    return getpass.getpass(f"{person}'s code: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+
+
 def _approve(args: argparse.Namespace) -> int:
     from tasks.answer import submit_answer, waiting_runs
 
@@ -92,10 +98,7 @@ def _approve(args: argparse.Namespace) -> int:
     # The form is Markdown with escapes; a terminal shows the text.
     text = re.sub(r"\\(.)", r"\1", run.description)
     print("\n".join(f"    {line}" for line in text.splitlines()), "\n")
-    code = args.code
-    if code is None:
-        # Not on the command line (ps, shell history): asked for, or read from a pipe.
-        code = getpass.getpass(f"{args.approver}'s code: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+    code = args.code if args.code is not None else _code_of(args.approver)
     answer = {"approver": args.approver, "code": code, "digest_prefix": args.digest_prefix,
               "decision": args.decision, "comment": args.comment}
     print(submit_answer(run, answer))
@@ -132,11 +135,7 @@ def _history(app: str, environment: str | None) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from flows.rollback import rollback
 
-    code = ""
-    if args.ask_code:
-        # Not on the command line (ps, shell history): asked for, or read from a pipe.
-        code = (getpass.getpass(f"{args.requested_by}'s code: ") if sys.stdin.isatty()
-                else sys.stdin.readline().strip())
+    code = _code_of(args.requested_by) if args.ask_code else ""
     result = rollback(app=args.app, environment=args.environment, reason=args.reason,
                       requested_by=args.requested_by, requester_code=code)
     print(f"{args.app} in {args.environment} now runs {getattr(result, 'image', None) or result}; "

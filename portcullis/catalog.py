@@ -100,9 +100,7 @@ class AppEntry(Frozen):
 
     def source_repo(self, base: Path) -> str:
         """The repository as a URL or absolute path; relative paths are relative to ``base``."""
-        if urlsplit(self.repository).scheme:
-            return self.repository
-        return str((base / self.repository).resolve())
+        return repository_location(self.repository, base)
 
     def freeze_policy(self, policy: FreezePolicy) -> FreezePolicy:
         """The environment's freeze policy with this app's windows added (never removed)."""
@@ -180,11 +178,10 @@ class Catalog(Frozen):
         if app is None:
             return None
         wanted = app.source_repo(self.base)
-        given = source_repo if urlsplit(source_repo).scheme else str(Path(source_repo).resolve())
         problems = []
-        if given != wanted:
+        if repository_location(source_repo, Path.cwd()) != wanted:
             problems.append(f"repository {source_repo!r} (the catalog's is {wanted!r})")
-        if PurePosixPath(context_path.strip("/") or ".") != PurePosixPath(app.context.strip("/") or "."):
+        if _directory(context_path) != _directory(app.context):
             problems.append(f"directory {context_path!r} (the catalog's is {app.context!r})")
         if not problems:
             return None
@@ -200,6 +197,18 @@ class Catalog(Frozen):
     def for_environment(self, environment: str) -> tuple[AppEntry, ...]:
         """The apps promoted to ``environment``."""
         return tuple(a for a in self.apps if environment in a.environments)
+
+
+def repository_location(repository: str, base: Path) -> str:
+    """``repository`` as a URL, or as an absolute path with ``base`` for a relative one."""
+    if urlsplit(repository).scheme:
+        return repository
+    return str((base / repository).resolve())
+
+
+def _directory(context: str) -> PurePosixPath:
+    """A context directory as one spelling: ``./a/b/``, ``a/b`` and ``a//b`` are the same."""
+    return PurePosixPath(context.strip("/") or ".")
 
 
 def _entry_label(index: int, raw: Any) -> str:

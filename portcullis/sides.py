@@ -82,8 +82,11 @@ class WorkerConfig(Frozen):
 
     @model_validator(mode="after")
     def _fits_side(self) -> WorkerConfig:
-        foreign = sorted(key for key in self.deployments
-                         if key.partition("/")[0] not in SIDE_FLOWS[self.side] or not key.partition("/")[2])
+        foreign = []
+        for key in sorted(self.deployments):
+            flow, _, deployment = key.partition("/")  # "flow-name/deployment-name"
+            if flow not in SIDE_FLOWS[self.side] or not deployment:
+                foreign.append(key)
         if foreign:
             raise ValueError(f"the {self.side} side may not run {', '.join(foreign)}")
         for key, entrypoint in self.deployments.items():

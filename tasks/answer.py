@@ -87,15 +87,19 @@ def waiting_runs(app: str, environment: str, *, wait: float = 0.0, schema_wait: 
         time.sleep(0.5)
 
 
+#: Runs asked for per request: the server's default (and largest) page.
+PAGE = 200
+
+
 def _paused_runs(client: SyncPrefectClient) -> list[FlowRun]:
-    # The server answers at most its default page (200) per request: read every page, so a
-    # busy server with many paused runs cannot hide the one the operator is looking for.
+    # The server answers at most one page per request: read every page, so a busy server
+    # with many paused runs cannot hide the one the operator is looking for.
     paused = FlowRunFilter(
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     runs: list[FlowRun] = []
-    while page := client.read_flow_runs(flow_run_filter=paused, offset=len(runs), limit=200):
+    while page := client.read_flow_runs(flow_run_filter=paused, offset=len(runs), limit=PAGE):
         runs.extend(page)
-        if len(page) < 200:
+        if len(page) < PAGE:
             break
     return runs
 

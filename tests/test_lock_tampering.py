@@ -9,7 +9,6 @@ of deploying alongside the first.
 
 from __future__ import annotations
 
-import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ pytestmark = [pytest.mark.prefect_server]
 WINDOW = 4.0
 
 
-def _events(path: Path) -> list[tuple[str, str, Any]]:
-    return [(r["event"], r["run_id"], r["details"].get("reason"))
-            for r in map(json.loads, path.read_text().splitlines())]
+def _events(path: Path) -> list[tuple[str, str | None, Any]]:
+    return [(r.event, r.run_id, r.details.get("reason")) for r in AuditLog(path).records()]
 
 
 @pytest.mark.parametrize(("change", "said"), [
